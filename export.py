@@ -1,0 +1,47 @@
+"""Export trained runs as the raw state_dicts that `flowers_fastai.submit` loads.
+
+    python export.py                      # latest finished cnn and vit runs -> weights/cnn_flowers.pth, weights/vit_flowers.pth
+    python export.py --run runs/cnn-...   # one run -> weights/<family>_flowers.pth
+    python export.py --family cnn --half  # fp16 file (half the size; submit upcasts to fp32)
+
+Each file gets a JSON sidecar (<name>.json) with the input size and the CLIP activation, which tensors cannot tell.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from flowers_fastai.exporting import FAMILIES, export_run, latest_run, run_config
+
+ROOT = Path(__file__).resolve().parent
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--run', type=Path, help='run folder to export (default: the latest finished run per family)')
+    parser.add_argument('--family', choices=FAMILIES, help='export only this family (default: every family with a run)')
+    parser.add_argument('--runs', type=Path, default=Path('runs'), help='where to look for runs (default: %(default)s)')
+    parser.add_argument('--out', type=Path, help='output file (default: weights/<family>_flowers.pth); needs one run')
+    parser.add_argument('--half', action='store_true', help='store fp16 tensors (submit upcasts them to fp32)')
+    args = parser.parse_args(argv)
+
+    if args.run:
+        runs = [args.run]
+    else:
+        families = [args.family] if args.family else FAMILIES
+        runs = [run for f in families if (run := latest_run(args.runs, f)) is not None]
+        if not runs:
+            sys.exit(f'error: no finished run under {args.runs}; train one with: python train.py cnn')
+    if args.out and len(runs) > 1:
+        sys.exit('error: --out needs a single run: add --run or --family')
+    for run in runs:
+        family = run_config(run)['recipe']['family']
+        out = args.out or ROOT / 'weights' / f'{family}_flowers.pth'
+        export_run(run, out, half=args.half)
+        print(f'{run} -> {out} (+ {out.with_suffix(".json").name})')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The data: scanning a folder of class folders, a stratified seeded split, and the fastai DataBlock."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, ImageBlock, Normalize, PILImage, RandomResizedCrop,
+                               Transform, aug_transforms)
+from sklearn.model_selection import train_test_split
+
+from .data_files import IMAGE_EXTENSIONS
+from .labels import CLASSES, normalize_class_name
+from .preprocess import Preprocessing, open_image, resize_center_crop
+
+
+
+class DatasetError(ValueError):
+    """The photo folder cannot be trained on as it is (said before any training starts)."""
+
+
+@dataclass
+class ScannedFolder:
+    """The usable photos of a folder of class folders, and what was left out."""
+    items: list[tuple[Path, str]]
+    non_images: list[Path] = field(default_factory=list)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def labels(self) -> list[str]:
+        return [label for _, label in self.items]
+
+    def counts(self) -> dict[str, int]:
+        return {c: self.labels.count(c) for c in CLASSES}
+
+
+def scan_image_folder(root: str | Path, check_decodable: bool = True) -> ScannedFolder:
+    """List `root/<class>/**/<photo>` with normalised class names (`Roses/` -> 'rose').
+
+    Raises `DatasetError` for a missing root, an unknown folder, a missing or empty class. Files that are
+    not images are skipped with one warning that counts them; with `check_decodable`, every photo is
+    decoded once (cheaply, with JPEG draft mode) so that an unreadable one is reported now instead of
+    crashing an epoch later.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f'data folder {root} does not exist or is not a folder')
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
+    unknown = [p.name for p in folders if normalize_class_name(p.name) is None]
+    if unknown:
+        raise DatasetError(f'{root}: folder(s) {unknown} name no class; expected one folder per class of {CLASSES} '
+                           '(plural and capitalised names such as "Roses" are accepted)')
+    by_class = {}
+    for p in folders:
+        by_class.setdefault(normalize_class_name(p.name), []).append(p)
+    missing = [c for c in CLASSES if c not in by_class]
+    if missing:
+        raise DatasetError(f'{root}: no folder for class(es) {missing}; found {[p.name for p in folders]}')
+
+    scanned = ScannedFolder(items=[])
+    for label in CLASSES:
+        for folder in by_class[label]:
+            for path in sorted(f for f in folder.rglob('*') if f.is_file() and not f.name.startswith('.')):
+                if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                    scanned.non_images.append(path)
+                    continue
+                if check_decodable:
+                    try:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter('ignore')
+                            open_image(path, draft_min_side=16)
+                    except ValueError as err:
+                        scanned.unreadable.append((path, str(err)))
+                        continue
+                scanned.items.append((path, label))
+    if scanned.non_images:
+        warnings.warn(f'{root}: skipped {len(scanned.non_images)} file(s) that are not images '
+                      f'(e.g. {scanned.non_images[0]})')
+    if scanned.unreadable:
+        listing = '\n  '.join(f'{p}: {why}' for p, why in scanned.unreadable)
+        warnings.warn(f'{root}: left out {len(scanned.unreadable)} unreadable photo(s):\n  {listing}')
+    empty = [c for c, n in scanned.counts().items() if n == 0]
+    if empty:
+        raise DatasetError(f'{root}: class(es) {empty} have no usable photo')
+    return scanned
+
+
+def stratified_split(labels: list[str], valid_pct: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Train and validation indices with each class in the same proportion on both sides, fixed by `seed`."""
+    idx = np.arange(len(labels))
+    train, valid = train_test_split(idx, test_size=valid_pct, random_state=seed, stratify=labels, shuffle=True)
+    return sorted(train.tolist()), sorted(valid.tolist())
+
+
+class StratifiedSplitter:
+    """fastai splitter over a DataFrame of photos: `stratified_split` on its `label` column."""
+
+    def __init__(self, valid_pct: float = 0.2, seed: int = 0):
+        self.valid_pct, self.seed = valid_pct, seed
+
+    def __call__(self, df: pd.DataFrame):
+        return stratified_split(df['label'].tolist(), self.valid_pct, self.seed)
+
+
+def items_frame(items: list[tuple[Path, str]]) -> pd.DataFrame:
+    """The (path, label) items as the DataFrame the DataBlock reads."""
+    return pd.DataFrame({'path': [Path(p) for p, _ in items], 'label': [label for _, label in items]})
+
+
+class FlowerImage(PILImage):
+    """fastai image opened by `preprocess.open_image` (EXIF rotation, 16-bit, alpha... as `submit` does)."""
+
+    @classmethod
+    def create(cls, fn, **kwargs):
+        if isinstance(fn, (str, Path)):
+            return cls(open_image(fn))
+        return super().create(fn, **kwargs)
+
+
+class TrainRandomResizedCrop(RandomResizedCrop):
+    """fastai's RandomResizedCrop on the training set only: validation gets `EvalResizeCrop` instead."""
+    split_idx = 0
+
+
+class EvalResizeCrop(Transform):
+    """The deterministic inference crop of `submit` (resize shorter side, center crop), on validation/test."""
+    split_idx, order = 1, 1
+
+    def __init__(self, pp: Preprocessing):
+        super().__init__()
+        self.pp = pp
+
+    def encodes(self, x: PILImage):
+        return type(x)(resize_center_crop(x, self.pp))
+
+
+def flower_datablock(pp: Preprocessing, valid_pct: float = 0.2, seed: int = 0, min_scale: float = 0.35,
+                     augment: bool = True) -> DataBlock:
+    """DataBlock over a DataFrame of photos (`items_frame`): random resized crops + `aug_transforms` for training, the
+    deterministic `submit` crop for validation, then the model family's normalisation."""
+    batch_tfms = aug_transforms(size=None, max_rotate=10.0, max_warp=0.1) if augment else []
+    return DataBlock(
+        blocks=(ImageBlock(cls=FlowerImage), CategoryBlock(vocab=CLASSES)),
+        get_x=ColReader('path'), get_y=ColReader('label'),
+        splitter=StratifiedSplitter(valid_pct, seed),
+        item_tfms=[TrainRandomResizedCrop(pp.size, min_scale=min_scale, resamples=(3, 0)), EvalResizeCrop(pp)],
+        batch_tfms=[*batch_tfms, Normalize.from_stats(pp.mean, pp.std)],
+    )
+
+
+def flower_dataloaders(items: list[tuple[Path, str]], pp: Preprocessing, bs: int = 32, valid_pct: float = 0.2,
+                       seed: int = 0, num_workers: int = 0, device=None, **kwargs):
+    return flower_datablock(pp, valid_pct, seed, **kwargs).dataloaders(
+        items_frame(items), bs=bs, num_workers=num_workers, device=device)

@@ -1,0 +1,64 @@
+"""A run's best weights -> the raw state_dict file (+ JSON sidecar) that `submit` loads."""
+from __future__ import annotations
+
+import json
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from .architectures import ClipClassifier, ClipTowerSpec, build_cnn, load_exactly
+
+FAMILIES = ('cnn', 'vit')
+
+
+def run_config(run_dir: Path) -> dict:
+    config_path = Path(run_dir) / 'config.json'
+    if not config_path.is_file():
+        raise FileNotFoundError(f'{run_dir} is not a training run folder (no config.json)')
+    return json.loads(config_path.read_text())
+
+
+def latest_run(runs_dir: Path, family: str) -> Path | None:
+    """The most recently finished run of `family` under `runs_dir` (one with metrics.json)."""
+    finished = [p.parent for p in Path(runs_dir).glob('*/metrics.json')
+                if run_config(p.parent)['recipe']['family'] == family]
+    return max(finished, key=lambda p: (p / 'metrics.json').stat().st_mtime, default=None)
+
+
+def export_run(run_dir: str | Path, out: str | Path, half: bool = False) -> Path:
+    """Write `run_dir`'s models/best.pth as a raw state_dict at `out` (fp16 with `half`), plus `out`.json.
+
+    The weights are first loaded into the network `submit` builds, every key checked, so that an export
+    that `submit` could not load fails here and not on the user's machine.
+    """
+    run_dir, out = Path(run_dir), Path(out)
+    config = run_config(run_dir)
+    recipe, pp = config['recipe'], config['preprocessing']
+    best = run_dir / 'models' / 'best.pth'
+    if not best.is_file():
+        raise FileNotFoundError(f'{best} does not exist: the run has not finished an epoch yet')
+    state = torch.load(best, map_location='cpu', weights_only=True)
+    state = state.get('model', state)  # fastai's `save(with_opt=True)` nests the weights under 'model'
+
+    if recipe['family'] == 'cnn':
+        model = build_cnn(recipe['arch'])
+        sidecar = {'family': 'cnn', 'arch': recipe['arch'].split('.')[0]}
+    else:
+        spec = ClipTowerSpec(**config['clip_spec'])
+        model = ClipClassifier(spec)
+        sidecar = {'family': 'vit', 'arch': spec.name, 'quick_gelu': spec.quick_gelu, 'head_width': spec.head_width}
+    load_exactly(model, state, str(best))
+    state_dict = model.state_dict()
+    if half:
+        state_dict = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
+
+    metrics_path = run_dir / 'metrics.json'
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    sidecar.update(image_size=pp['size'], crop_pct=pp['crop_pct'], mean=pp['mean'], std=pp['std'],
+                   classes=config['classes'], dtype='float16' if half else 'float32',
+                   run=run_dir.name, valid_accuracy=metrics.get('valid_accuracy'), exported=date.today().isoformat())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict, out)
+    out.with_suffix('.json').write_text(json.dumps(sidecar, indent=2) + '\n')
+    return out

@@ -1,0 +1,105 @@
+"""Published pretrained weights: downloaded through timm / open_clip when online, read from a local file offline.
+
+Both paths end in the same loader, which checks every backbone key: only the 5-class head may be new.
+
+Formats read from a local file:
+- ConvNeXt V2: timm's `model.safetensors` / `pytorch_model.bin` (timm key names) and the original
+  Facebook `.pt` checkpoints (converted by timm's own `checkpoint_filter_fn`).
+- CLIP: OpenAI's TorchScript `.pt` archive or a plain state-dict `.pt`, and open_clip's
+  `open_clip_pytorch_model.bin` / `open_clip_model.safetensors`; only the `visual.` tower is used.
+"""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .architectures import ArchitectureError, ClipClassifier, load_exactly
+
+DEFAULT_CNN_TAG = 'fcmae_ft_in22k_in1k'
+DEFAULT_CLIP_TAG = 'openai'
+
+
+class PretrainedUnavailable(RuntimeError):
+    """The published weights could not be downloaded and no local file was given."""
+
+
+def _offline_message(what: str, err: Exception) -> str:
+    return (f'Could not download the pretrained weights {what} ({type(err).__name__}: {err}). '
+            'Either pass --pretrained-file PATH with a local copy of the published file, '
+            'or --no-pretrained to train from scratch.')
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} dict from a .safetensors, a torch state-dict file, a training checkpoint
+    ({'state_dict': ...} / {'model': ...}, 'module.' prefixes) or a TorchScript archive (OpenAI CLIP)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'pretrained weights file not found: {path}')
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        return load_file(str(path), device='cpu')
+    if zipfile.is_zipfile(path) and any(n.endswith('constants.pkl') for n in zipfile.ZipFile(path).namelist()):
+        # OpenAI's published CLIP files are TorchScript archives: read their parameters, run nothing.
+        return dict(torch.jit.load(str(path), map_location='cpu').state_dict())
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+    for key in ('state_dict', 'model', 'model_ema'):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise ArchitectureError(f'{path} holds a {type(obj).__name__}, not a state_dict')
+    return {k.removeprefix('module.'): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+# ---------------------------------------------------------------------------------------------- CNN
+def cnn_pretrained_file(arch: str, tag: str = DEFAULT_CNN_TAG) -> Path:
+    """Download (or find in the Hugging Face cache) timm's published weights for `arch.tag`."""
+    import timm
+    name = f'{arch}.{tag}'
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # timm raises for a tag it does not know (e.g. convnextv2_atto has no in22k tags)
+        cfg = None
+    if cfg is None or not cfg.hf_hub_id:
+        raise ValueError(f'timm publishes no weights named {name!r}; its tags for {arch}: '
+                         + ', '.join(n.split('.', 1)[1] for n in timm.list_pretrained(f'{arch}.*')))
+    from huggingface_hub import hf_hub_download
+    try:
+        return Path(hf_hub_download(cfg.hf_hub_id, cfg.hf_hub_filename or 'model.safetensors'))
+    except Exception as err:  # any network / hub failure: one clear sentence with both ways out
+        raise PretrainedUnavailable(_offline_message(f'for {name} from the Hugging Face hub', err)) from err
+
+
+def load_cnn_backbone(model: nn.Module, path: str | Path) -> None:
+    """Load a published ConvNeXt V2 checkpoint into `model`, keeping its fresh 5-class head."""
+    from timm.models.convnext import checkpoint_filter_fn
+    state = checkpoint_filter_fn(read_checkpoint(path), model)  # converts Facebook's original key names
+    state = {k: v for k, v in state.items() if not k.startswith('head.fc.')}
+    head = {k: v for k, v in model.state_dict().items() if k.startswith('head.fc.')}
+    load_exactly(model, {**state, **head}, f'pretrained file {path}')
+
+
+# ---------------------------------------------------------------------------------------------- ViT
+def clip_pretrained_file(model_name: str, tag: str = DEFAULT_CLIP_TAG) -> Path:
+    """Download (or find in the cache) open_clip's published weights for `model_name` / `tag`."""
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+    cfg = get_pretrained_cfg(model_name, tag)
+    if not cfg:
+        raise ValueError(f'open_clip publishes no weights {tag!r} for {model_name!r}')
+    try:
+        return Path(download_pretrained(cfg))
+    except Exception as err:  # any network / hub failure: one clear sentence with both ways out
+        raise PretrainedUnavailable(_offline_message(f'{model_name} / {tag}', err)) from err
+
+
+def load_clip_backbone(model: ClipClassifier, path: str | Path) -> None:
+    """Load the image tower of a published CLIP checkpoint into `model.visual`, keeping the fresh head."""
+    state = read_checkpoint(path)
+    visual = {k: v for k, v in state.items() if k.startswith('visual.')}
+    if not visual:
+        raise ArchitectureError(f'{path} holds no CLIP image tower (no "visual." keys)')
+    head = {k: v for k, v in model.state_dict().items() if k.startswith('head.')}
+    load_exactly(model, {**visual, **head}, f'pretrained file {path}')

@@ -1,0 +1,41 @@
+"""Training recipes as data: the seed's defaults (spec s.4, s.5, s.9), overridable from `train.py`'s command line."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class Recipe:
+    family: str                    # 'cnn' or 'vit'
+    arch: str                      # timm name (convnextv2_*) or open_clip model name (ViT-L-14-quickgelu)
+    pretrained_tag: str            # timm tag / open_clip pretrained tag downloaded when online
+    size: int                      # training and inference resolution
+    bs: int
+    epochs: int                    # full fine-tuning epochs (phase B)
+    freeze_epochs: int             # head-only epochs with the backbone frozen (phase A)
+    lr: float                      # base learning rate (head); the backbone gets lr / backbone_lr_div
+    backbone_lr_div: float         # ratio head LR / lowest backbone LR in phase B
+    wd: float                      # decoupled weight decay (AdamW)
+    label_smoothing: float
+    drop_path: float
+    valid_pct: float = 0.2
+    seed: int = 0
+    min_scale: float = 0.35        # RandomResizedCrop's smallest crop (fraction of the photo)
+
+    def override(self, **changes) -> 'Recipe':
+        known = {f.name for f in fields(self)}
+        return replace(self, **{k: v for k, v in changes.items() if k in known and v is not None})
+
+
+# ConvNeXt V2 (seed s.4 and s.9): 224 px, batch 32, AdamW wd 0.05, head LR 1e-3, full fine-tune LR 2e-4,
+# label smoothing 0.1, drop path on.
+CNN = Recipe(family='cnn', arch='convnextv2_tiny', pretrained_tag='fcmae_ft_in22k_in1k', size=224, bs=32,
+             epochs=30, freeze_epochs=3, lr=1e-3, backbone_lr_div=5.0, wd=0.05, label_smoothing=0.1,
+             drop_path=0.1)
+
+# CLIP ViT-L/14 (seed s.5 and s.9): 224 px, batch 16, head LR 1e-3, backbone LR 1e-5, label smoothing 0.05.
+VIT = Recipe(family='vit', arch='ViT-L-14-quickgelu', pretrained_tag='openai', size=224, bs=16,
+             epochs=15, freeze_epochs=3, lr=1e-3, backbone_lr_div=100.0, wd=0.05, label_smoothing=0.05,
+             drop_path=0.0)
+
+RECIPES = {'cnn': CNN, 'vit': VIT}

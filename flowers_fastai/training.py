@@ -1,0 +1,189 @@
+"""Training glue: a run folder, a fastai Learner, the two fine-tuning phases, resume, and the run's reports."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.vision.all import (Adam, ClassificationInterpretation, CrossEntropyLossFlat, CSVLogger, Callback,
+                               GradientClip, Learner, SaveModelCallback, accuracy, default_device, set_seed)
+
+from .architectures import ClipClassifier
+from .data import flower_dataloaders, scan_image_folder
+from .labels import CLASSES
+from .models import SPLITTERS, create_model
+from .preprocess import cnn_preprocessing, vit_preprocessing
+from .recipes import Recipe
+
+BEST, LAST = 'best', 'last'   # checkpoint names under <run>/models/
+
+
+def preprocessing_for(recipe: Recipe):
+    return (cnn_preprocessing if recipe.family == 'cnn' else vit_preprocessing)(recipe.size)
+
+
+def _skipped(learn: Learner) -> bool:
+    """True after an epoch that fastai's `start_epoch` skipped on resume (it records an empty row)."""
+    return not learn.recorder.values or not len(learn.recorder.values[-1])
+
+
+class BestCheckpoint(SaveModelCallback):
+    """SaveModelCallback on validation accuracy that ignores the epochs skipped on resume."""
+
+    def __init__(self, best: float | None = None):
+        super().__init__(monitor='accuracy', fname=BEST, reset_on_fit=False)
+        self.best = best
+
+    def after_epoch(self):
+        if not _skipped(self.learn):
+            super().after_epoch()
+
+
+class HistoryCSV(CSVLogger):
+    """fastai's CSVLogger, with a `phase` column and one header for the whole run (phases and resumes
+    append to the same file)."""
+
+    def __init__(self, phase: str, fname='history.csv'):
+        super().__init__(fname, append=True)
+        self.phase = phase
+
+    def before_fit(self):
+        if hasattr(self, 'gather_preds'):
+            return
+        path = self.path / self.fname
+        new = not path.exists() or path.stat().st_size == 0
+        self.file = path.open('a')
+        if new:
+            self.file.write(','.join(['phase', *self.recorder.metric_names]) + '\n')
+        self.old_logger, self.learn.logger = self.logger, self._write_line
+
+    def _write_line(self, log):
+        if _skipped(self.learn):
+            return self.old_logger(log)
+        self.file.write(','.join([self.phase, *map(str, log)]) + '\n')
+        self.file.flush()
+        self.old_logger(log)
+
+
+class ResumableCheckpoint(Callback):
+    """After every epoch: weights + optimizer to models/last.pth and the position to state.json, so that
+    `--resume` continues an interrupted run from its last finished epoch. (SaveModelCallback keeps either
+    the best or one file per epoch; a single rolling resume point needs this.)"""
+    order = SaveModelCallback.order + 1
+
+    def __init__(self, state_path: Path, phase_index: int, tracker: BestCheckpoint):
+        self.state_path, self.phase_index, self.tracker = state_path, phase_index, tracker
+
+    def after_epoch(self):
+        if _skipped(self.learn):
+            return
+        self.learn.save(LAST, with_opt=True)
+        self.state_path.write_text(json.dumps(
+            {'phase': self.phase_index, 'epoch': self.epoch, 'best': float(self.tracker.best)}))
+
+
+def make_learner(recipe: Recipe, dls, model, run_dir: Path) -> Learner:
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(label_smoothing=recipe.label_smoothing),
+                    opt_func=Adam,  # fastai's Adam with decoupled weight decay: AdamW
+                    wd=recipe.wd, metrics=accuracy, splitter=SPLITTERS[recipe.family],
+                    path=run_dir, model_dir='models', cbs=[GradientClip(1.0)])
+    if default_device().type == 'cuda':
+        learn.to_fp16()  # AMP on GPU only: bf16/fp16 on this kind of CPU is slower than fp32
+    return learn
+
+
+def _phases(recipe: Recipe, pretrained) -> list[dict]:
+    """fastai's `fine_tune` as explicit phases: (A) head only with the backbone frozen, (B) everything,
+    backbone at a lower LR. From scratch there is nothing to protect: one phase, one LR."""
+    if not pretrained:
+        return [dict(name='scratch', epochs=recipe.epochs, frozen=False, lr=recipe.lr)]
+    phases = [dict(name='frozen', epochs=recipe.freeze_epochs, frozen=True, lr=recipe.lr)] if recipe.freeze_epochs else []
+    return phases + [dict(name='full', epochs=recipe.epochs, frozen=False,
+                          lr=slice(recipe.lr / recipe.backbone_lr_div, recipe.lr))]
+
+
+def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained: bool | str | Path = True,
+          resume: bool = False, num_workers: int = 0, limit_items: int | None = None) -> Learner:
+    """Train one model into `run_dir`: models/best.pth (best validation accuracy), history.csv,
+    confusion_matrix.{csv,png}, config.json, metrics.json. Returns the Learner holding the best weights."""
+    run_dir = Path(run_dir)
+    state_path = run_dir / 'state.json'
+    if resume and not state_path.exists():
+        raise FileNotFoundError(f'nothing to resume in {run_dir} (no state.json)')
+    if not resume and (run_dir / 'models').exists():
+        raise FileExistsError(f'{run_dir} already holds a run: pass --resume to continue it, or another --name')
+    run_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(recipe.seed, reproducible=False)
+
+    scanned = scan_image_folder(data_dir)
+    items = scanned.items if limit_items is None else _stratified_subset(scanned.items, limit_items, recipe.seed)
+    pp = preprocessing_for(recipe)
+    dls = flower_dataloaders(items, pp, bs=recipe.bs, valid_pct=recipe.valid_pct, seed=recipe.seed,
+                             num_workers=num_workers, min_scale=recipe.min_scale)
+    model = create_model(recipe, pretrained=pretrained if not resume else False)
+    learn = make_learner(recipe, dls, model, run_dir)
+
+    config = {'recipe': asdict(recipe), 'preprocessing': asdict(pp), 'classes': CLASSES,
+              'data': str(Path(data_dir).resolve()), 'n_train': len(dls.train_ds), 'n_valid': len(dls.valid_ds),
+              'pretrained': str(pretrained) if pretrained else False, 'torch': torch.__version__}
+    if isinstance(model, ClipClassifier):
+        config['clip_spec'] = model.spec.to_dict()
+    if not resume:
+        (run_dir / 'config.json').write_text(json.dumps(config, indent=2))
+
+    state = json.loads(state_path.read_text()) if resume else {'phase': 0, 'epoch': -1, 'best': None}
+    tracker = BestCheckpoint(best=state['best'])
+    started = time.time()
+    for i, phase in enumerate(_phases(recipe, pretrained)):
+        if i < state['phase'] or phase['epochs'] == 0:
+            continue
+        learn.freeze() if phase['frozen'] else learn.unfreeze()
+        start_epoch = 0
+        if resume and i == state['phase']:
+            learn.load(LAST, with_opt=True)
+            start_epoch = state['epoch'] + 1
+            if start_epoch >= phase['epochs']:
+                continue
+            print(f'Resuming phase {phase["name"]} at epoch {start_epoch}')
+        cbs = [tracker, ResumableCheckpoint(state_path, i, tracker), HistoryCSV(phase['name'])]
+        learn.fit_one_cycle(phase['epochs'], phase['lr'], start_epoch=start_epoch, cbs=cbs)
+        state = {'phase': i + 1, 'epoch': -1, 'best': float(tracker.best)}
+        state_path.write_text(json.dumps(state))
+    if not (run_dir / 'models' / f'{BEST}.pth').exists():
+        raise RuntimeError('no epoch was trained: nothing to report')
+    learn.load(BEST, with_opt=False)
+    report_run(learn, run_dir, seconds=time.time() - started)
+    return learn
+
+
+def report_run(learn: Learner, run_dir: Path, seconds: float | None = None) -> dict:
+    """Confusion matrix (CSV + PNG) and metrics.json for the weights `learn` holds, on its validation set."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    interp = ClassificationInterpretation.from_learner(learn)
+    cm = interp.confusion_matrix()
+    np.savetxt(run_dir / 'confusion_matrix.csv', cm, fmt='%d', delimiter=',', header=','.join(CLASSES))
+    interp.plot_confusion_matrix(figsize=(6, 6), title=f'{run_dir.name}: validation confusion matrix')
+    plt.savefig(run_dir / 'confusion_matrix.png', dpi=100, bbox_inches='tight')
+    plt.close('all')
+    per_class = {c: float(cm[i, i] / cm[i].sum()) for i, c in enumerate(CLASSES)}
+    metrics = {'valid_accuracy': float(np.trace(cm) / cm.sum()), 'n_valid': int(cm.sum()),
+               'per_class_accuracy': per_class}
+    if seconds is not None:
+        metrics['train_seconds'] = round(seconds, 1)
+    (run_dir / 'metrics.json').write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _stratified_subset(items, n, seed):
+    """A small class-balanced subset (for smoke tests and quick trials)."""
+    from .data import stratified_split
+    if n >= len(items):
+        return items
+    _, keep = stratified_split([label for _, label in items], valid_pct=n / len(items), seed=seed)
+    return [items[i] for i in keep]

@@ -1,0 +1,79 @@
+"""Shared fixtures. Every test runs with the network blocked (sockets refuse to connect), so "offline" is
+checked, not trusted. Real photos come from ../shared/data/flowers; tests that need them skip when it is absent."""
+from __future__ import annotations
+
+import json
+import socket
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO.parent / 'shared' / 'data' / 'flowers'
+EXAMPLES = REPO / 'examples'
+
+warnings.filterwarnings('ignore', category=FutureWarning)  # torch.jit deprecation chatter from open_clip/timm
+
+
+class NetworkBlocked(OSError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails at once, as on a machine with no network."""
+    def refuse(*args, **kwargs):
+        raise NetworkBlocked('network access blocked in tests')
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+    monkeypatch.setattr(socket.socket, 'connect_ex', refuse)
+    monkeypatch.setattr(socket, 'create_connection', refuse)
+    monkeypatch.setattr(socket, 'getaddrinfo', refuse)
+
+
+def real_photos(per_class: int = 2) -> dict[str, list[Path]]:
+    """A few real photos per class from the shared data folder (skips the test when it is absent)."""
+    if not DATA_DIR.is_dir():
+        pytest.skip(f'real photos not available: {DATA_DIR} is absent')
+    from flowers_fastai.labels import CLASSES
+    return {c: sorted((DATA_DIR / c).glob('*.jpg'))[:per_class] for c in CLASSES}
+
+
+@pytest.fixture(scope='session')
+def tiny_cnn_file(tmp_path_factory) -> Path:
+    """A random-init convnextv2_atto CNN exported as submit expects it (raw state_dict + sidecar, 32 px)."""
+    from flowers_fastai.architectures import build_cnn
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp('weights') / 'cnn_flowers.pth'
+    torch.save(build_cnn('convnextv2_atto').state_dict(), path)
+    path.with_suffix('.json').write_text(json.dumps({'family': 'cnn', 'image_size': 32}))
+    return path
+
+
+TINY_CLIP_NAME = 'FlowersTest-ViT-quickgelu'
+TINY_CLIP_CONFIG = {'embed_dim': 32, 'quick_gelu': True,
+                    'vision_cfg': {'image_size': 32, 'layers': 2, 'width': 64, 'head_width': 32, 'patch_size': 8},
+                    'text_cfg': {'context_length': 77, 'vocab_size': 49408, 'width': 64, 'heads': 2, 'layers': 1}}
+
+
+@pytest.fixture(scope='session')
+def tiny_clip_name(tmp_path_factory) -> str:
+    """An open_clip model config of a tiny CLIP ViT (32 px, 2 blocks), registered under TINY_CLIP_NAME."""
+    import open_clip
+    folder = tmp_path_factory.mktemp('clip_configs')
+    (folder / f'{TINY_CLIP_NAME}.json').write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(folder)
+    return TINY_CLIP_NAME
+
+
+@pytest.fixture(scope='session')
+def tiny_vit_file(tmp_path_factory, tiny_clip_name) -> Path:
+    """A random-init tiny CLIP ViT classifier exported as submit expects it (visual.* + head.*, sidecar)."""
+    from flowers_fastai.architectures import ClipClassifier, clip_spec_from_open_clip
+    torch.manual_seed(0)
+    spec = clip_spec_from_open_clip(tiny_clip_name)
+    path = tmp_path_factory.mktemp('weights') / 'vit_flowers.pth'
+    torch.save(ClipClassifier(spec).state_dict(), path)
+    path.with_suffix('.json').write_text(json.dumps({'family': 'vit', 'quick_gelu': True, 'head_width': 32}))
+    return path

@@ -1,0 +1,156 @@
+"""Training with fastai end to end on tiny models: the run folder, resume, export, and that `submit` predicts
+exactly what the fastai learner predicts."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from flowers_fastai.exporting import export_run, latest_run
+from flowers_fastai.labels import CLASSES
+from flowers_fastai.preprocess import load_for_model
+from flowers_fastai.recipes import CNN, VIT
+from flowers_fastai.submit import load_cnn_model, load_vit_model, predict
+from flowers_fastai.training import ResumableCheckpoint, train
+
+from .conftest import REPO, real_photos
+
+COLOURS = {'daisy': (240, 240, 240), 'dandelion': (250, 210, 0), 'rose': (200, 0, 30),
+           'sunflower': (255, 140, 0), 'tulip': (150, 0, 200)}
+
+
+@pytest.fixture(scope='module')
+def colour_folder(tmp_path_factory):
+    """An easy, learnable data set: each class is a noisy photo of its own colour (12 per class)."""
+    root = tmp_path_factory.mktemp('colours')
+    rng = np.random.default_rng(0)
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir()
+        for i in range(12):
+            pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (40, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f'{i}.jpg', quality=95)
+    return root
+
+
+TINY_CNN = CNN.override(arch='convnextv2_atto', size=32, bs=8, epochs=1, lr=3e-3, drop_path=0.0, valid_pct=0.25)
+
+
+def test_cnn_run_learns_and_writes_its_reports(colour_folder, tmp_path):
+    run = tmp_path / 'run'
+    learn = train(TINY_CNN.override(epochs=6), colour_folder, run, pretrained=False)
+    history = pd.read_csv(run / 'history.csv')
+    assert list(history.columns) == ['phase', 'epoch', 'train_loss', 'valid_loss', 'accuracy', 'time']
+    assert list(history.epoch) == list(range(6))
+    assert history.train_loss.iloc[-1] < history.train_loss.iloc[0]        # it learns
+    metrics = json.loads((run / 'metrics.json').read_text())
+    assert metrics['valid_accuracy'] == pytest.approx(history.accuracy.max())  # the best epoch is kept
+    assert metrics['valid_accuracy'] >= 0.6                                     # chance is 0.2
+    cm = np.loadtxt(run / 'confusion_matrix.csv', delimiter=',')
+    assert cm.shape == (5, 5) and cm.sum() == metrics['n_valid'] == 15
+    assert (run / 'confusion_matrix.png').stat().st_size > 1000
+    config = json.loads((run / 'config.json').read_text())
+    assert config['recipe']['arch'] == 'convnextv2_atto' and config['n_train'] == 45
+    assert learn.model.training is False or True  # the learner is returned usable
+    with pytest.raises(FileExistsError):
+        train(TINY_CNN, colour_folder, run, pretrained=False)
+
+
+def test_resume_continues_after_the_last_finished_epoch(colour_folder, tmp_path, monkeypatch):
+    run = tmp_path / 'run'
+    original = ResumableCheckpoint.after_epoch
+
+    def crash_after_first_epoch(self):
+        original(self)
+        if self.epoch == 0:
+            raise KeyboardInterrupt('simulated interruption')
+    monkeypatch.setattr(ResumableCheckpoint, 'after_epoch', crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(TINY_CNN.override(epochs=3), colour_folder, run, pretrained=False)
+    assert json.loads((run / 'state.json').read_text())['epoch'] == 0
+    monkeypatch.setattr(ResumableCheckpoint, 'after_epoch', original)
+
+    train(TINY_CNN.override(epochs=3), colour_folder, run, pretrained=False, resume=True)
+    history = pd.read_csv(run / 'history.csv')
+    assert list(history.epoch) == [0, 1, 2]            # epoch 0 is not trained twice, none is skipped
+    assert json.loads((run / 'state.json').read_text())['phase'] == 1
+
+
+def _fastai_logits(learn, paths):
+    dl = learn.dls.test_dl(paths, bs=len(paths))
+    learn.model.eval()
+    with torch.no_grad():
+        (x,) = dl.one_batch()
+        return learn.model(x)
+
+
+def test_export_then_submit_gives_the_learners_logits(tmp_path, monkeypatch):
+    photos = [p for paths in real_photos(per_class=1).values() for p in paths]
+    data = tmp_path / 'data'
+    for p in photos + [q for paths in real_photos(per_class=6).values() for q in paths]:
+        (data / p.parent.name).mkdir(parents=True, exist_ok=True)
+        (data / p.parent.name / p.name).write_bytes(p.read_bytes())
+    learn = train(TINY_CNN.override(size=48), data, tmp_path / 'run', pretrained=False)
+
+    out = export_run(tmp_path / 'run', tmp_path / 'out' / 'cnn_flowers.pth')
+    sidecar = json.loads(out.with_suffix('.json').read_text())
+    assert sidecar['image_size'] == 48 and sidecar['arch'] == 'convnextv2_atto'
+    state = torch.load(out, map_location='cpu', weights_only=True)
+    import timm
+    assert list(state) == list(timm.create_model('convnextv2_atto', num_classes=5).state_dict())
+
+    model = load_cnn_model(out)
+    expected = _fastai_logits(learn, photos)
+    for photo, want in zip(photos, expected):
+        got = model(load_for_model(photo, model.flowers_preprocessing))[0]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert predict(model, photo) == CLASSES[int(want.argmax())]
+
+    half = export_run(tmp_path / 'run', tmp_path / 'out' / 'half.pth', half=True)
+    assert half.stat().st_size < 0.6 * out.stat().st_size
+    model16 = load_cnn_model(half)
+    assert all(p.dtype == torch.float32 for p in model16.parameters())
+    torch.testing.assert_close(model16(load_for_model(photos[0], model16.flowers_preprocessing))[0],
+                               expected[0], atol=2e-2, rtol=0)
+
+
+def test_vit_fine_tune_freezes_then_unfreezes_and_round_trips(colour_folder, tmp_path, tiny_clip_name):
+    import open_clip
+    torch.manual_seed(0)
+    clip = open_clip.create_model(tiny_clip_name, pretrained=None)
+    stand_in = tmp_path / 'open_clip_pytorch_model.bin'
+    torch.save(clip.state_dict(), stand_in)
+    recipe = VIT.override(arch=tiny_clip_name, size=32, bs=8, epochs=1, freeze_epochs=1, valid_pct=0.25)
+    learn = train(recipe, colour_folder, tmp_path / 'run', pretrained=stand_in)
+    history = pd.read_csv(tmp_path / 'run' / 'history.csv')
+    assert list(history.phase) == ['frozen', 'full']
+
+    out = export_run(tmp_path / 'run', tmp_path / 'vit_flowers.pth')
+    state = torch.load(out, map_location='cpu', weights_only=True)
+    assert {k.split('.')[0] for k in state} == {'visual', 'head'} and state['head.weight'].shape == (5, 32)
+    model = load_vit_model(out)
+    assert model.spec == learn.model.spec
+    photo = next(iter(colour_folder.glob('rose/*.jpg')))
+    torch.testing.assert_close(model(load_for_model(photo, model.flowers_preprocessing))[0],
+                               _fastai_logits(learn, [photo])[0], atol=1e-5, rtol=0)
+
+
+def test_latest_run_picks_the_newest_finished_run_of_a_family(colour_folder, tmp_path):
+    runs = tmp_path / 'runs'
+    train(TINY_CNN, colour_folder, runs / 'a', pretrained=False)
+    train(TINY_CNN, colour_folder, runs / 'b', pretrained=False)
+    assert latest_run(runs, 'cnn') == runs / 'b'
+    assert latest_run(runs, 'vit') is None
+
+
+def test_train_help_documents_every_option():
+    out = subprocess.run([sys.executable, 'train.py', '--help'], cwd=REPO, capture_output=True, text=True, check=True)
+    for option in ['--data', '--arch', '--size', '--bs', '--epochs', '--freeze-epochs', '--lr', '--wd',
+                   '--label-smoothing', '--drop-path', '--seed', '--resume', '--pretrained-file', '--no-pretrained']:
+        assert option in out.stdout
+    assert 'default: 0.1 / 0.05' in out.stdout  # label smoothing: the seed's cnn / vit defaults

@@ -1,0 +1,89 @@
+"""Train a flower classifier with fastai: `python train.py cnn|vit --data DIR [options]`.
+
+Defaults are the seed's recipes (flowers_fastai/recipes.py); every option below overrides one of them.
+Each run writes runs/<name>/: models/best.pth (best validation accuracy), history.csv, confusion_matrix.png/.csv,
+config.json, metrics.json. Then `python export.py` turns the best weights into weights/<family>_flowers.pth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from flowers_fastai.recipes import RECIPES, Recipe
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / 'shared' / 'data' / 'flowers'
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('family', choices=sorted(RECIPES), help='cnn: timm ConvNeXt V2; vit: open_clip CLIP ViT')
+    parser.add_argument('--data', type=Path, default=DEFAULT_DATA,
+                        help='folder of class folders (daisy/ dandelion/ rose/ sunflower/ tulip/) (default: %(default)s)')
+    parser.add_argument('--name', help='run folder name under --runs (default: <family>-<date-time>)')
+    parser.add_argument('--runs', type=Path, default=Path('runs'), help='where run folders go (default: %(default)s)')
+    parser.add_argument('--resume', action='store_true', help='continue the interrupted run --name from its last epoch')
+
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument('--pretrained-file', type=Path,
+                         help='local copy of the published pretrained weights (timm .safetensors/.pth for ConvNeXt V2; '
+                              'OpenAI .pt or open_clip .bin/.safetensors for CLIP) instead of downloading them')
+    weights.add_argument('--no-pretrained', action='store_true', help='train from scratch (random initialisation)')
+
+    r = parser.add_argument_group('recipe (defaults: cnn / vit, from flowers_fastai/recipes.py)')
+    cnn, vit = RECIPES['cnn'], RECIPES['vit']
+
+    def opt(flag, field, typ, help_):
+        r.add_argument(flag, dest=field, type=typ,
+                       help=f'{help_} (default: {getattr(cnn, field)} / {getattr(vit, field)})')
+    opt('--arch', 'arch', str, 'timm convnextv2_{atto..huge} or open_clip ViT name (ViT-L-14-quickgelu for OpenAI '
+                               'weights, ViT-L-14 for OpenCLIP ones)')
+    opt('--pretrained-tag', 'pretrained_tag', str, 'timm tag / open_clip pretrained tag to download')
+    opt('--size', 'size', int, 'image size in pixels')
+    opt('--bs', 'bs', int, 'batch size')
+    opt('--epochs', 'epochs', int, 'epochs of full fine-tuning (or of training from scratch)')
+    opt('--freeze-epochs', 'freeze_epochs', int, 'head-only epochs with the backbone frozen first')
+    opt('--lr', 'lr', float, 'peak learning rate of the head (one-cycle: warmup then cosine decay)')
+    opt('--backbone-lr-div', 'backbone_lr_div', float, 'head LR / backbone LR during full fine-tuning')
+    opt('--wd', 'wd', float, 'AdamW decoupled weight decay')
+    opt('--label-smoothing', 'label_smoothing', float, 'cross-entropy label smoothing')
+    opt('--drop-path', 'drop_path', float, 'stochastic depth rate (ConvNeXt V2)')
+    opt('--valid-pct', 'valid_pct', float, 'validation fraction of the stratified split')
+    opt('--seed', 'seed', int, 'seed of Python, NumPy, PyTorch and the split')
+    opt('--min-scale', 'min_scale', float, "RandomResizedCrop's smallest crop, as a fraction of the photo")
+    parser.add_argument('--num-workers', type=int, default=0,
+                        help='DataLoader worker processes (default: %(default)s; on 2 CPU cores the model needs both)')
+    parser.add_argument('--limit', type=int, help='train on a class-balanced subset of this many photos (smoke tests)')
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from flowers_fastai.data import DatasetError
+    from flowers_fastai.pretrained import PretrainedUnavailable
+    from flowers_fastai.training import train
+
+    name = args.name or f'{args.family}-{datetime.now():%Y%m%d-%H%M%S}'
+    run_dir = args.runs / name
+    if args.resume:
+        if not args.name:
+            sys.exit('--resume needs the --name of the run to continue')
+        config = json.loads((run_dir / 'config.json').read_text())
+        recipe, pretrained = Recipe(**config['recipe']), config['pretrained']
+    else:
+        recipe = RECIPES[args.family].override(**vars(args))
+        pretrained = False if args.no_pretrained else (args.pretrained_file or True)
+    print(f'Run {run_dir}: {recipe}')
+    try:
+        train(recipe, args.data, run_dir, pretrained=pretrained, resume=args.resume,
+              num_workers=args.num_workers, limit_items=args.limit)
+    except (DatasetError, PretrainedUnavailable, FileExistsError) as err:
+        sys.exit(f'error: {err}')
+    print(f'Best weights: {run_dir / "models" / "best.pth"}; export them with: python export.py --run {run_dir}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
