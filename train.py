@@ -61,7 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from flowers_fastai.data import DatasetError
     from flowers_fastai.pretrained import PretrainedUnavailable
     from flowers_fastai.training import train
 
@@ -79,7 +78,8 @@ def main(argv=None) -> int:
     try:
         train(recipe, args.data, run_dir, pretrained=pretrained, resume=args.resume,
               num_workers=args.num_workers, limit_items=args.limit)
-    except (DatasetError, PretrainedUnavailable, FileExistsError) as err:
+    except (ValueError, PretrainedUnavailable, FileExistsError, FileNotFoundError) as err:
+        # DatasetError, unknown architecture or tag, no network: one sentence, before any training
         sys.exit(f'error: {err}')
     print(f'Best weights: {run_dir / "models" / "best.pth"}; export them with: python export.py --run {run_dir}')
     return 0

@@ -89,6 +89,10 @@ def scan_image_folder(root: str | Path, check_decodable: bool = True) -> Scanned
 
 def stratified_split(labels: list[str], valid_pct: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
     """Train and validation indices with each class in the same proportion on both sides, fixed by `seed`."""
+    n_classes, n_valid = len(set(labels)), int(np.ceil(valid_pct * len(labels)))
+    if n_valid < n_classes or len(labels) - n_valid < n_classes:
+        raise DatasetError(f'{len(labels)} photos are too few for a stratified {valid_pct:.0%} validation split: '
+                           f'each side needs at least one photo of each of the {n_classes} classes')
     idx = np.arange(len(labels))
     train, valid = train_test_split(idx, test_size=valid_pct, random_state=seed, stratify=labels, shuffle=True)
     return sorted(train.tolist()), sorted(valid.tolist())

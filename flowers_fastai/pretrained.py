@@ -10,8 +10,12 @@ Formats read from a local file:
 """
 from __future__ import annotations
 
+import os
+import re
+import socket
 import zipfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -30,6 +34,31 @@ def _offline_message(what: str, err: Exception) -> str:
     return (f'Could not download the pretrained weights {what} ({type(err).__name__}: {err}). '
             'Either pass --pretrained-file PATH with a local copy of the published file, '
             'or --no-pretrained to train from scratch.')
+
+
+def _reachable(url: str, timeout: float = 5.0) -> bool:
+    """One TCP connection to the host of `url`. Without it, huggingface_hub retries a dead network with
+    ~25 s of back-off per file before failing; this answers in at most `timeout` seconds."""
+    parts = urlparse(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_download(repo_id: str, filenames: list[str], what: str) -> Path:
+    """The first of `filenames` in the Hugging Face repo `repo_id`: downloaded when the hub is reachable,
+    else from the local cache, else `PretrainedUnavailable`."""
+    from huggingface_hub import constants, hf_hub_download
+    local_only = not _reachable(constants.ENDPOINT)
+    error = None
+    for filename in filenames:
+        try:
+            return Path(hf_hub_download(repo_id, filename, local_files_only=local_only))
+        except Exception as err:  # any hub / network failure: try the next name, report the last one
+            error = err
+    raise PretrainedUnavailable(_offline_message(f'{what} from the Hugging Face hub', error)) from error
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -66,17 +95,18 @@ def cnn_pretrained_file(arch: str, tag: str = DEFAULT_CNN_TAG) -> Path:
     if cfg is None or not cfg.hf_hub_id:
         raise ValueError(f'timm publishes no weights named {name!r}; its tags for {arch}: '
                          + ', '.join(n.split('.', 1)[1] for n in timm.list_pretrained(f'{arch}.*')))
-    from huggingface_hub import hf_hub_download
-    try:
-        return Path(hf_hub_download(cfg.hf_hub_id, cfg.hf_hub_filename or 'model.safetensors'))
-    except Exception as err:  # any network / hub failure: one clear sentence with both ways out
-        raise PretrainedUnavailable(_offline_message(f'for {name} from the Hugging Face hub', err)) from err
+    return _hub_download(cfg.hf_hub_id, [cfg.hf_hub_filename or 'model.safetensors'], name)
 
 
 def load_cnn_backbone(model: nn.Module, path: str | Path) -> None:
     """Load a published ConvNeXt V2 checkpoint into `model`, keeping its fresh 5-class head."""
     from timm.models.convnext import checkpoint_filter_fn
-    state = checkpoint_filter_fn(read_checkpoint(path), model)  # converts Facebook's original key names
+    state = read_checkpoint(path)
+    # Facebook's pointwise layers are nn.Linear (2-D), timm's ConvNeXt V2 has 1x1 convs: shaping them here keeps
+    # timm's converter from reshaping to the model's shape, which fails obscurely for a file of another size.
+    state = {k: v[:, :, None, None] if v.ndim == 2 and re.search(r'\.pwconv[12]\.weight$', k) else v
+             for k, v in state.items()}
+    state = checkpoint_filter_fn(state, model)  # converts Facebook's original key names
     state = {k: v for k, v in state.items() if not k.startswith('head.fc.')}
     head = {k: v for k, v in model.state_dict().items() if k.startswith('head.fc.')}
     load_exactly(model, {**state, **head}, f'pretrained file {path}')
@@ -87,12 +117,20 @@ def clip_pretrained_file(model_name: str, tag: str = DEFAULT_CLIP_TAG) -> Path:
     """Download (or find in the cache) open_clip's published weights for `model_name` / `tag`."""
     from open_clip.pretrained import download_pretrained, get_pretrained_cfg
     cfg = get_pretrained_cfg(model_name, tag)
+    what = f'{model_name} / {tag}'
     if not cfg:
         raise ValueError(f'open_clip publishes no weights {tag!r} for {model_name!r}')
+    if cfg.get('hf_hub'):
+        # open_clip's convention: 'org/name/' (its default file names, safetensors first) or 'org/name/file'
+        repo_id, filename = os.path.split(cfg['hf_hub'])
+        names = [filename] if filename else ['open_clip_model.safetensors', 'open_clip_pytorch_model.bin']
+        return _hub_download(repo_id, names, what)
+    if not _reachable(cfg['url']):
+        raise PretrainedUnavailable(_offline_message(f'{what} from {cfg["url"]}', OSError('host unreachable')))
     try:
         return Path(download_pretrained(cfg))
-    except Exception as err:  # any network / hub failure: one clear sentence with both ways out
-        raise PretrainedUnavailable(_offline_message(f'{model_name} / {tag}', err)) from err
+    except Exception as err:  # any network failure: one clear sentence with both ways out
+        raise PretrainedUnavailable(_offline_message(what, err)) from err
 
 
 def load_clip_backbone(model: ClipClassifier, path: str | Path) -> None:

@@ -98,3 +98,11 @@ def test_real_data_folder_scans_to_the_published_counts():
     scanned = scan_image_folder(DATA_DIR)
     assert scanned.counts() == {'daisy': 688, 'dandelion': 947, 'rose': 706, 'sunflower': 660, 'tulip': 886}
     assert not scanned.unreadable
+
+
+def test_a_split_too_small_for_every_class_on_both_sides_is_a_clear_error():
+    labels = [c for c in CLASSES for _ in range(3)]
+    with pytest.raises(DatasetError, match='too few for a stratified 20% validation split'):
+        stratified_split(labels, valid_pct=0.2)
+    train, valid = stratified_split(labels, valid_pct=0.4)
+    assert {labels[i] for i in valid} == {labels[i] for i in train} == set(CLASSES)

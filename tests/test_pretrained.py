@@ -63,13 +63,15 @@ def fb_key_names(depths, with_head: bool = True) -> set[str]:
 
 def timm_to_fb(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of timm's convnext `checkpoint_filter_fn` (FB -> timm): timm names back to Facebook's, GRN
-    parameters back to their 1x1x1xC shape."""
+    parameters back to their 1x1x1xC shape and the pointwise 1x1 convs back to Facebook's 2-D nn.Linear weights."""
     out = {}
     for k, v in state_dict.items():
         k = re.sub(r'^stem\.(\d)\.', r'downsample_layers.0.\1.', k)
         k = re.sub(r'^stages\.(\d)\.downsample\.(\d)\.', r'downsample_layers.\1.\2.', k)
         k = re.sub(r'^stages\.(\d)\.blocks\.(\d+)\.', r'stages.\1.\2.', k)
         k = k.replace('conv_dw.', 'dwconv.').replace('mlp.fc1.', 'pwconv1.').replace('mlp.fc2.', 'pwconv2.')
+        if re.search(r'\.pwconv[12]\.weight$', k):   # FB: nn.Linear (out, in); timm: 1x1 conv (out, in, 1, 1)
+            v = v.reshape(v.shape[0], v.shape[1])
         if '.mlp.grn.' in k:
             k = k.replace('mlp.grn.weight', 'grn.gamma').replace('mlp.grn.bias', 'grn.beta')
             v = v.reshape(1, 1, 1, -1)
@@ -109,6 +111,10 @@ def test_fb_layout_helper_is_facebooks_layout_and_timm_reads_it_back(atto_source
     assert set(fb) == fb_key_names(ATTO_DEPTHS)
     assert fb['stages.0.0.grn.gamma'].shape == (1, 1, 1, 4 * ATTO_DIMS[0])   # GRN sits on the 4C hidden layer
     assert fb['stages.3.1.grn.beta'].shape == (1, 1, 1, 4 * ATTO_DIMS[3])
+    assert fb['stages.1.0.pwconv1.weight'].shape == (4 * ATTO_DIMS[1], ATTO_DIMS[1])  # nn.Linear in FB's Block
+    assert fb['stages.1.0.pwconv2.weight'].shape == (ATTO_DIMS[1], 4 * ATTO_DIMS[1])
+    assert fb['stages.2.0.dwconv.weight'].shape == (ATTO_DIMS[2], 1, 7, 7)
+    assert fb['downsample_layers.2.1.weight'].shape == (ATTO_DIMS[2], ATTO_DIMS[1], 2, 2)
     assert fb['head.weight'].shape == (1000, ATTO_DIMS[3])
     assert fb['downsample_layers.0.0.weight'].shape == (ATTO_DIMS[0], 3, 4, 4)
     back = checkpoint_filter_fn({'model': fb}, build_cnn('convnextv2_atto'))
@@ -344,15 +350,13 @@ class _NoBackoffSleep:
 def hub_calls(monkeypatch):
     """Records every hf_hub_download call (passing it through), so that a test sees a download was tried.
 
-    huggingface_hub retries a failed metadata request 5 times with 1+2+4+8+8 s of back-off when no cached copy
-    exists: ~23 s per file on a machine with no network (~46 s for CLIP, where open_clip tries
-    open_clip_model.safetensors and then open_clip_pytorch_model.bin). No setting turns this off short of
-    HF_HUB_OFFLINE (a different code path), so these tests skip the back-off sleeps themselves; the requests
-    and their failures are real."""
+    Back-off sleeps of huggingface_hub are recorded, not slept: the code must not reach them (it checks that the
+    hub is reachable first, and reads only the local cache when it is not)."""
     import huggingface_hub
     import huggingface_hub.utils._http
     import open_clip.pretrained
-    monkeypatch.setattr(huggingface_hub.utils._http, 'time', _NoBackoffSleep())
+    sleeps = _NoBackoffSleep()
+    monkeypatch.setattr(huggingface_hub.utils._http, 'time', sleeps)
     calls = []
     real = huggingface_hub.hf_hub_download
 
@@ -361,7 +365,8 @@ def hub_calls(monkeypatch):
         return real(*args, **kwargs)
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', spy)
     monkeypatch.setattr(open_clip.pretrained, 'hf_hub_download', spy)
-    return calls
+    yield calls
+    assert not sleeps.slept, 'huggingface_hub retried a dead network with back-off'
 
 
 def assert_both_ways_out(message: str):
@@ -539,3 +544,12 @@ def test_pretrained_module_documents_its_unavailable_error():
     message = pretrained._offline_message('X', OSError('no route'))
     assert_both_ways_out(message)
     assert '\n' not in message
+
+
+def test_train_cli_names_the_published_tags_when_the_default_does_not_exist(tiny_photo_folder, tmp_path):
+    import train
+    with pytest.raises(SystemExit) as info:
+        train.main(['cnn', '--arch', 'convnextv2_atto', '--data', str(tiny_photo_folder),
+                    '--runs', str(tmp_path / 'runs'), '--valid-pct', '0.4'])
+    assert str(info.value.code).startswith("error: timm publishes no weights named 'convnextv2_atto.fcmae_ft_in22k_in1k'")
+    assert 'fcmae_ft_in1k' in str(info.value.code)
