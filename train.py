@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt('--valid-pct', 'valid_pct', float, 'validation fraction of the stratified split')
     opt('--seed', 'seed', int, 'seed of Python, NumPy, PyTorch and the split')
     opt('--min-scale', 'min_scale', float, "RandomResizedCrop's smallest crop, as a fraction of the photo")
+    opt('--ema-decay', 'ema_decay', float, 'weight EMA decay per step, validated and exported; 0 = off')
+    opt('--mixup', 'mixup', float, 'probability of MixUp per training batch')
+    opt('--cutmix', 'cutmix', float, 'probability of CutMix per training batch (MixUp and CutMix never both)')
     parser.add_argument('--num-workers', type=int, default=0,
                         help='DataLoader worker processes (default: %(default)s; on 2 CPU cores the model needs both)')
     parser.add_argument('--limit', type=int, help='train on a class-balanced subset of this many photos (smoke tests)')

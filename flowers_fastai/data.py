@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, ImageBlock, Normalize, PILImage, RandomResizedCrop,
                                Transform, aug_transforms)
 from sklearn.model_selection import train_test_split
@@ -149,7 +150,7 @@ def flower_datablock(pp: Preprocessing, valid_pct: float = 0.2, seed: int = 0, m
         blocks=(ImageBlock(cls=FlowerImage), CategoryBlock(vocab=CLASSES)),
         get_x=ColReader('path'), get_y=ColReader('label'),
         splitter=StratifiedSplitter(valid_pct, seed),
-        item_tfms=[TrainRandomResizedCrop(pp.size, min_scale=min_scale, resamples=(3, 0)), EvalResizeCrop(pp)],
+        item_tfms=[TrainRandomResizedCrop(pp.size, min_scale=min_scale, resamples=(Image.BICUBIC, Image.NEAREST)), EvalResizeCrop(pp)],
         batch_tfms=[*batch_tfms, Normalize.from_stats(pp.mean, pp.std)],
     )
 

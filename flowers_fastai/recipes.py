@@ -21,6 +21,10 @@ class Recipe:
     valid_pct: float = 0.2
     seed: int = 0
     min_scale: float = 0.35        # RandomResizedCrop's smallest crop (fraction of the photo)
+    # Opt-in for now (0 = off) so that runs made before they existed resume unchanged:
+    ema_decay: float = 0.0         # weight EMA decay per optimizer step (0.999 suits ~100 steps per epoch)
+    mixup: float = 0.0             # probability that a training batch gets MixUp
+    cutmix: float = 0.0            # probability that a training batch gets CutMix (instead)
 
     def override(self, **changes) -> 'Recipe':
         known = {f.name for f in fields(self)}

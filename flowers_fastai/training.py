@@ -12,6 +12,7 @@ from fastai.vision.all import (Adam, ClassificationInterpretation, CrossEntropyL
                                GradientClip, Learner, SaveModelCallback, accuracy, default_device, set_seed)
 
 from .architectures import ClipClassifier
+from .callbacks import MixUpCutMix, WeightEMA
 from .data import flower_dataloaders, scan_image_folder
 from .labels import CLASSES
 from .models import SPLITTERS, create_model
@@ -72,7 +73,7 @@ class ResumableCheckpoint(Callback):
     """After every epoch: weights + optimizer to models/last.pth and the position to state.json, so that
     `--resume` continues an interrupted run from its last finished epoch. (SaveModelCallback keeps either
     the best or one file per epoch; a single rolling resume point needs this.)"""
-    order = SaveModelCallback.order + 1
+    order = WeightEMA.order + 1   # after the EMA put the training weights back: those are what resume needs
 
     def __init__(self, state_path: Path, phase_index: int, tracker: BestCheckpoint):
         self.state_path, self.phase_index, self.tracker = state_path, phase_index, tracker
@@ -136,11 +137,19 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
 
     state = json.loads(state_path.read_text()) if resume else {'phase': 0, 'epoch': -1, 'best': None}
     tracker = BestCheckpoint(best=state['best'])
+    recipe_cbs = []   # one instance for all phases: the EMA averages across them
+    if recipe.ema_decay:
+        recipe_cbs.append(WeightEMA(recipe.ema_decay, state_path=run_dir / 'models' / 'ema_last.pth'))
+    if recipe.mixup or recipe.cutmix:
+        recipe_cbs.append(MixUpCutMix(p_mixup=recipe.mixup, p_cutmix=recipe.cutmix))
     started = time.time()
     for i, phase in enumerate(_phases(recipe, pretrained)):
         if i < state['phase'] or phase['epochs'] == 0:
             continue
-        learn.freeze() if phase['frozen'] else learn.unfreeze()
+        if phase['frozen']:
+            learn.freeze()
+        else:
+            learn.unfreeze()
         start_epoch = 0
         if resume and i == state['phase']:
             learn.load(LAST, with_opt=True)
@@ -148,7 +157,7 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
             if start_epoch >= phase['epochs']:
                 continue
             print(f'Resuming phase {phase["name"]} at epoch {start_epoch}')
-        cbs = [tracker, ResumableCheckpoint(state_path, i, tracker), HistoryCSV(phase['name'])]
+        cbs = [tracker, ResumableCheckpoint(state_path, i, tracker), HistoryCSV(phase['name']), *recipe_cbs]
         learn.fit_one_cycle(phase['epochs'], phase['lr'], start_epoch=start_epoch, cbs=cbs)
         state = {'phase': i + 1, 'epoch': -1, 'best': float(tracker.best)}
         state_path.write_text(json.dumps(state))

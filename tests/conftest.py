@@ -26,8 +26,15 @@ def no_network(monkeypatch):
     """Any attempt to open a network connection fails at once, as on a machine with no network."""
     def refuse(*args, **kwargs):
         raise NetworkBlocked('network access blocked in tests')
-    monkeypatch.setattr(socket.socket, 'connect', refuse)
-    monkeypatch.setattr(socket.socket, 'connect_ex', refuse)
+
+    def refuse_inet(original):
+        def connect(sock, *args, **kwargs):
+            if sock.family == socket.AF_UNIX:   # local IPC (DataLoader workers) is not network
+                return original(sock, *args, **kwargs)
+            refuse()
+        return connect
+    monkeypatch.setattr(socket.socket, 'connect', refuse_inet(socket.socket.connect))
+    monkeypatch.setattr(socket.socket, 'connect_ex', refuse_inet(socket.socket.connect_ex))
     monkeypatch.setattr(socket, 'create_connection', refuse)
     monkeypatch.setattr(socket, 'getaddrinfo', refuse)
 

@@ -166,3 +166,13 @@ def test_amp_on_cuda_only_fp32_on_cpu(colour_folder, monkeypatch):
     monkeypatch.setattr(training, 'default_device', lambda: torch.device('cuda'))
     on_gpu = training.make_learner(TINY_CNN, dls, create_model(TINY_CNN, pretrained=False), colour_folder)
     assert any(isinstance(cb, MixedPrecision) for cb in on_gpu.cbs)
+
+
+def test_ema_and_mixup_cutmix_run_in_train_and_the_ema_is_exported(colour_folder, tmp_path):
+    run = tmp_path / 'run'
+    train(TINY_CNN.override(ema_decay=0.99, mixup=0.5, cutmix=0.5), colour_folder, run, pretrained=False)
+    ema = torch.load(run / 'models' / 'ema_last.pth', map_location='cpu', weights_only=True)
+    assert ema['steps'] == 45 // 8               # one epoch of 45 photos, batch 8: fastai drops the partial batch
+    exported = torch.load(export_run(run, tmp_path / 'cnn.pth'), map_location='cpu', weights_only=True)
+    for k, v in ema['ema'].items():               # one epoch: the best checkpoint is the EMA after it
+        torch.testing.assert_close(exported[k], v)

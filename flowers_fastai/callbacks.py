@@ -1,0 +1,82 @@
+"""fastai callbacks of the recipes that fastai does not ship as such: weight EMA and MixUp-or-CutMix per batch."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from fastai.callback.mixup import CutMix, MixUp
+from fastai.vision.all import Callback, SaveModelCallback
+
+
+class MixUpCutMix(MixUp):
+    """Per training batch, one of: MixUp (probability `p_mixup`), CutMix (`p_cutmix`), or the batch as it is.
+
+    fastai's `MixUp` and `CutMix` each act on every batch; the seed's recipe draws which one to apply. The loss
+    stays fastai's: `lerp` of the loss on both label sets, which with label smoothing is cross-entropy on mixed
+    smoothed (soft) targets. Unlike timm's `Mixup`, it needs no even batch size.
+    """
+
+    def __init__(self, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, p_mixup: float = 0.5, p_cutmix: float = 0.5):
+        if not (0 <= p_mixup and 0 <= p_cutmix and p_mixup + p_cutmix <= 1):
+            raise ValueError(f'p_mixup={p_mixup} and p_cutmix={p_cutmix} must be >= 0 and add up to at most 1')
+        super().__init__(mixup_alpha)
+        self.cutmix = CutMix(cutmix_alpha)
+        self.p_mixup, self.p_cutmix = p_mixup, p_cutmix
+        self.last = None  # 'mixup', 'cutmix' or 'none': what the last batch got
+
+    def before_batch(self):
+        draw = random.random()
+        if draw < self.p_mixup:
+            self.last = 'mixup'
+            super().before_batch()
+        elif draw < self.p_mixup + self.p_cutmix:
+            self.last = 'cutmix'
+            self.cutmix.learn, self.cutmix.stack_y = self.learn, self.stack_y
+            self.cutmix.before_batch()
+            self.lam, self.yb1 = self.cutmix.lam, self.cutmix.yb1
+        else:
+            self.last = 'none'
+            self.lam, self.yb1 = torch.ones((), device=self.x.device), self.yb  # lerp(., loss, 1) = loss
+
+
+class WeightEMA(Callback):
+    """An exponential moving average of the weights (timm's `ModelEmaV3`, with warm-up), updated after every
+    optimizer step. Validation runs on the EMA weights, so `SaveModelCallback` judges and saves them and the
+    exported model is the EMA; the training weights are put back after the epoch's checkpoints are written.
+
+    The default decay 0.999 averages over ~1000 steps (~10 epochs of 100 steps): 0.9998 would barely move in a
+    30-epoch run of ~100 steps per epoch. Warm-up makes the early average follow the weights closely.
+    """
+    order = SaveModelCallback.order + 5   # after_epoch: after the best/last checkpoints were written
+
+    def __init__(self, decay: float = 0.999, warmup: bool = True, state_path: Path | None = None):
+        self.decay, self.warmup, self.state_path = decay, warmup, state_path
+        self.ema, self.steps, self._training_weights = None, 0, None
+
+    def before_fit(self):
+        if self.ema is None:   # one average across phases and resumes
+            from timm.utils.model_ema import ModelEmaV3
+            self.ema = ModelEmaV3(self.learn.model, decay=self.decay, use_warmup=self.warmup)
+            if self.state_path is not None and Path(self.state_path).is_file():
+                saved = torch.load(self.state_path, map_location='cpu', weights_only=True)
+                self.ema.module.load_state_dict(saved['ema'])
+                self.steps = int(saved['steps'])
+
+    def after_step(self):
+        self.steps += 1
+        self.ema.update(self.learn.model, step=self.steps)
+
+    def before_validate(self):
+        model = self.learn.model
+        self._training_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.ema.module.state_dict())
+
+    def after_epoch(self):
+        if self._training_weights is not None:
+            self.learn.model.load_state_dict(self._training_weights)
+            self._training_weights = None
+        if self.state_path is not None:
+            torch.save({'ema': self.ema.module.state_dict(), 'steps': self.steps}, self.state_path)
+
+    after_cancel_fit = after_epoch
