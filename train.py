@@ -19,7 +19,8 @@ DEFAULT_DATA = Path(__file__).resolve().parent.parent / 'shared' / 'data' / 'flo
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('family', choices=sorted(RECIPES), help='cnn: timm ConvNeXt V2; vit: open_clip CLIP ViT')
+    parser.add_argument('family', choices=[*sorted(RECIPES), 'audit'],
+                        help='cnn: timm ConvNeXt V2; vit: open_clip CLIP ViT; audit: report duplicate photos of --data')
     parser.add_argument('--data', type=Path, default=DEFAULT_DATA,
                         help='folder of class folders (daisy/ dandelion/ rose/ sunflower/ tulip/) (default: %(default)s)')
     parser.add_argument('--name', help='run folder name under --runs (default: <family>-<date-time>)')
@@ -56,6 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt('--ema-decay', 'ema_decay', float, 'weight EMA decay per step, validated and exported; 0 = off')
     opt('--mixup', 'mixup', float, 'probability of MixUp per training batch')
     opt('--cutmix', 'cutmix', float, 'probability of CutMix per training batch (MixUp and CutMix never both)')
+    parser.add_argument('--split', choices=['grouped', 'stratified'], default='grouped',
+                        help='grouped: stratified, with copies of a photo on one side and photos filed under two '
+                             'classes left out (see `train.py audit`); stratified: photos split independently '
+                             '(default: %(default)s)')
     parser.add_argument('--num-workers', type=int, default=0,
                         help='DataLoader worker processes (default: %(default)s; on 2 CPU cores the model needs both)')
     parser.add_argument('--limit', type=int, help='train on a class-balanced subset of this many photos (smoke tests)')
@@ -67,6 +72,14 @@ def main(argv=None) -> int:
     from flowers_fastai.pretrained import PretrainedUnavailable
     from flowers_fastai.training import train
 
+    if args.family == 'audit':
+        from flowers_fastai.audit import audit_items
+        from flowers_fastai.data import scan_image_folder
+        try:
+            print(audit_items(scan_image_folder(args.data).items).report())
+        except ValueError as err:
+            sys.exit(f'error: {err}')
+        return 0
     name = args.name or f'{args.family}-{datetime.now():%Y%m%d-%H%M%S}'
     run_dir = args.runs / name
     if args.resume:
@@ -80,7 +93,7 @@ def main(argv=None) -> int:
     print(f'Run {run_dir}: {recipe}')
     try:
         train(recipe, args.data, run_dir, pretrained=pretrained, resume=args.resume,
-              num_workers=args.num_workers, limit_items=args.limit)
+              num_workers=args.num_workers, limit_items=args.limit, split=args.split)
     except (ValueError, PretrainedUnavailable, FileExistsError, FileNotFoundError) as err:
         # DatasetError, unknown architecture or tag, no network: one sentence, before any training
         sys.exit(f'error: {err}')

@@ -10,7 +10,7 @@ import pandas as pd
 from PIL import Image
 from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, ImageBlock, Normalize, PILImage, RandomResizedCrop,
                                Transform, aug_transforms)
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from .data_files import IMAGE_EXTENSIONS
 from .labels import CLASSES, normalize_class_name
@@ -88,30 +88,50 @@ def scan_image_folder(root: str | Path, check_decodable: bool = True) -> Scanned
     return scanned
 
 
-def stratified_split(labels: list[str], valid_pct: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Train and validation indices with each class in the same proportion on both sides, fixed by `seed`."""
+def _check_split_size(labels: list[str], valid_pct: float) -> None:
     n_classes, n_valid = len(set(labels)), int(np.ceil(valid_pct * len(labels)))
     if n_valid < n_classes or len(labels) - n_valid < n_classes:
         raise DatasetError(f'{len(labels)} photos are too few for a stratified {valid_pct:.0%} validation split: '
                            f'each side needs at least one photo of each of the {n_classes} classes')
+
+
+def stratified_split(labels: list[str], valid_pct: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Train and validation indices with each class in the same proportion on both sides, fixed by `seed`."""
+    _check_split_size(labels, valid_pct)
     idx = np.arange(len(labels))
     train, valid = train_test_split(idx, test_size=valid_pct, random_state=seed, stratify=labels, shuffle=True)
     return sorted(train.tolist()), sorted(valid.tolist())
 
 
+def grouped_stratified_split(labels: list[str], groups, valid_pct: float = 0.2,
+                             seed: int = 0) -> tuple[list[int], list[int]]:
+    """A stratified split that keeps every group (copies of one photo) on one side: fold 0 of sklearn's
+    `StratifiedGroupKFold` with round(1 / valid_pct) folds (valid_pct 0.2 -> 5 folds -> 20 %)."""
+    _check_split_size(labels, valid_pct)
+    folds = StratifiedGroupKFold(n_splits=max(2, round(1 / valid_pct)), shuffle=True, random_state=seed)
+    train, valid = next(folds.split(np.zeros(len(labels)), labels, groups))
+    return sorted(train.tolist()), sorted(valid.tolist())
+
+
 class StratifiedSplitter:
-    """fastai splitter over a DataFrame of photos: `stratified_split` on its `label` column."""
+    """fastai splitter over a DataFrame of photos: stratified on its `label` column and, when it has a `group`
+    column (see `audit.py`), with each group of copies on one side."""
 
     def __init__(self, valid_pct: float = 0.2, seed: int = 0):
         self.valid_pct, self.seed = valid_pct, seed
 
     def __call__(self, df: pd.DataFrame):
+        if 'group' in df:
+            return grouped_stratified_split(df['label'].tolist(), df['group'].tolist(), self.valid_pct, self.seed)
         return stratified_split(df['label'].tolist(), self.valid_pct, self.seed)
 
 
-def items_frame(items: list[tuple[Path, str]]) -> pd.DataFrame:
-    """The (path, label) items as the DataFrame the DataBlock reads."""
-    return pd.DataFrame({'path': [Path(p) for p, _ in items], 'label': [label for _, label in items]})
+def items_frame(items: list[tuple[Path, str]], groups=None) -> pd.DataFrame:
+    """The (path, label) items, and their duplicate groups if given, as the DataFrame the DataBlock reads."""
+    df = pd.DataFrame({'path': [Path(p) for p, _ in items], 'label': [label for _, label in items]})
+    if groups is not None:
+        df['group'] = list(groups)
+    return df
 
 
 class FlowerImage(PILImage):
@@ -156,6 +176,6 @@ def flower_datablock(pp: Preprocessing, valid_pct: float = 0.2, seed: int = 0, m
 
 
 def flower_dataloaders(items: list[tuple[Path, str]], pp: Preprocessing, bs: int = 32, valid_pct: float = 0.2,
-                       seed: int = 0, num_workers: int = 0, device=None, **kwargs):
+                       seed: int = 0, num_workers: int = 0, device=None, groups=None, **kwargs):
     return flower_datablock(pp, valid_pct, seed, **kwargs).dataloaders(
-        items_frame(items), bs=bs, num_workers=num_workers, device=device)
+        items_frame(items, groups), bs=bs, num_workers=num_workers, device=device)

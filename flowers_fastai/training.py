@@ -12,6 +12,7 @@ from fastai.vision.all import (Adam, ClassificationInterpretation, CrossEntropyL
                                GradientClip, Learner, SaveModelCallback, accuracy, default_device, set_seed)
 
 from .architectures import ClipClassifier
+from .audit import audit_items
 from .callbacks import MixUpCutMix, WeightEMA
 from .data import flower_dataloaders, scan_image_folder
 from .labels import CLASSES
@@ -107,9 +108,13 @@ def _phases(recipe: Recipe, pretrained) -> list[dict]:
 
 
 def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained: bool | str | Path = True,
-          resume: bool = False, num_workers: int = 0, limit_items: int | None = None) -> Learner:
+          resume: bool = False, num_workers: int = 0, limit_items: int | None = None,
+          split: str = 'grouped') -> Learner:
     """Train one model into `run_dir`: models/best.pth (best validation accuracy), history.csv,
-    confusion_matrix.{csv,png}, config.json, metrics.json. Returns the Learner holding the best weights."""
+    confusion_matrix.{csv,png}, config.json, metrics.json. Returns the Learner holding the best weights.
+
+    `split`: 'grouped' (default) audits the photos first (audit.py): copies of one photo stay on one side of
+    the split and photos filed under two classes are left out; 'stratified' splits photos independently."""
     run_dir = Path(run_dir)
     state_path = run_dir / 'state.json'
     if resume and not state_path.exists():
@@ -121,14 +126,24 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
 
     scanned = scan_image_folder(data_dir)
     items = scanned.items if limit_items is None else _stratified_subset(scanned.items, limit_items, recipe.seed)
+    groups, left_out = None, 0
+    if split == 'grouped':
+        audit = audit_items(items)
+        kept = audit.kept()
+        left_out = len(items) - len(kept)
+        print(audit.report().splitlines()[0])
+        items, groups = [items[i] for i in kept], audit.group[kept]
+    elif split != 'stratified':
+        raise ValueError(f'split must be "grouped" or "stratified", not {split!r}')
     pp = preprocessing_for(recipe)
     dls = flower_dataloaders(items, pp, bs=recipe.bs, valid_pct=recipe.valid_pct, seed=recipe.seed,
-                             num_workers=num_workers, min_scale=recipe.min_scale)
+                             num_workers=num_workers, min_scale=recipe.min_scale, groups=groups)
     model = create_model(recipe, pretrained=pretrained if not resume else False)
     learn = make_learner(recipe, dls, model, run_dir)
 
     config = {'recipe': asdict(recipe), 'preprocessing': asdict(pp), 'classes': CLASSES,
-              'data': str(Path(data_dir).resolve()), 'n_train': len(dls.train_ds), 'n_valid': len(dls.valid_ds),
+              'data': str(Path(data_dir).resolve()), 'split': split, 'left_out_filed_under_two_classes': left_out,
+              'n_train': len(dls.train_ds), 'n_valid': len(dls.valid_ds),
               'pretrained': str(pretrained) if pretrained else False, 'torch': torch.__version__}
     if isinstance(model, ClipClassifier):
         config['clip_spec'] = model.spec.to_dict()

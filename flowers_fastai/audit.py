@@ -1,0 +1,98 @@
+"""Data audit: exact and near-duplicate photos, found by perceptual hash, and photos filed under two classes.
+
+The shared flower folder (like every public copy of it) holds the same photo more than once: re-encoded,
+resized, re-coloured, sometimes filed under two classes. A random split puts one copy in training and another in
+validation, and validation accuracy then measures memory. Here duplicates form groups that a split keeps on one
+side, and groups whose copies carry different labels are left out of training and validation altogether.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .preprocess import open_image
+
+# Hamming distance between 64-bit pHashes at or below which two photos count as copies. Looked at on
+# ../shared/data/flowers: pairs at <= 6 are the same photo (resized, re-coloured, lightly cropped); from 8 on,
+# different photos of similar composition appear (even across classes), so 6 is the largest safe value.
+MAX_DISTANCE = 6
+
+
+def perceptual_hashes(paths: list[Path]) -> np.ndarray:
+    """64-bit DCT perceptual hash (imagehash.phash) of each photo, as uint64."""
+    import imagehash
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # truncated photos are reported by the folder scan already
+        return np.array([int(str(imagehash.phash(open_image(p, draft_min_side=64))), 16) for p in paths],
+                        dtype=np.uint64)
+
+
+def flickr_id(path: Path) -> str | None:
+    """The Flickr photo id that starts the file names of this data set ('7166539842_43b7e02883_n.jpg'), if any:
+    two files with one id are one photo, even when cropped beyond what a perceptual hash recognises."""
+    match = re.match(r'(\d{6,})_', Path(path).name)
+    return match.group(1) if match else None
+
+
+def duplicate_groups(hashes: np.ndarray, max_distance: int = MAX_DISTANCE, keys: list | None = None) -> np.ndarray:
+    """A group id per photo: photos within `max_distance` bits of each other, or with the same non-None key,
+    transitively, share one."""
+    parent = np.arange(len(hashes))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    for i in range(len(hashes) - 1):
+        close = np.nonzero(np.bitwise_count(np.bitwise_xor(hashes[i], hashes[i + 1:])) <= max_distance)[0] + i + 1
+        for j in close:
+            parent[root(j)] = root(i)
+    first_with_key = {}
+    for i, key in enumerate(keys or []):
+        if key is not None:
+            parent[root(i)] = root(first_with_key.setdefault(key, i))
+    roots = np.array([root(i) for i in range(len(hashes))])
+    return np.unique(roots, return_inverse=True)[1]   # 0..n_groups-1
+
+
+@dataclass
+class Audit:
+    """Groups of copies among `items` (path, label) and the groups filed under more than one class."""
+    items: list[tuple[Path, str]]
+    group: np.ndarray                 # group id per item
+
+    def groups(self, min_size: int = 2) -> list[list[int]]:
+        ids, counts = np.unique(self.group, return_counts=True)
+        return [np.nonzero(self.group == g)[0].tolist() for g, n in zip(ids, counts) if n >= min_size]
+
+    def conflicts(self) -> list[list[int]]:
+        """Groups whose copies carry different labels."""
+        return [g for g in self.groups() if len({self.items[i][1] for i in g}) > 1]
+
+    def kept(self) -> list[int]:
+        """Indices of the items usable for training and validation (not in a conflicting group)."""
+        left_out = {i for g in self.conflicts() for i in g}
+        return [i for i in range(len(self.items)) if i not in left_out]
+
+    def report(self) -> str:
+        groups, conflicts = self.groups(), self.conflicts()
+        lines = [f'{len(self.items)} photos; {len(groups)} groups of copies (pHash distance <= {MAX_DISTANCE} or one Flickr id) '
+                 f'holding {sum(map(len, groups))} photos; {len(conflicts)} groups filed under two classes, '
+                 f'left out of training and validation ({sum(map(len, conflicts))} photos):']
+        for g in conflicts:
+            lines.append('  ' + '  |  '.join(f'{self.items[i][1]}: {self.items[i][0]}' for i in g))
+        lines.append('Groups of copies within one class (kept together on one side of every split):')
+        for g in groups:
+            if g not in conflicts:
+                lines.append('  ' + '  |  '.join(str(self.items[i][0]) for i in g))
+        return '\n'.join(lines)
+
+
+def audit_items(items: list[tuple[Path, str]], max_distance: int = MAX_DISTANCE) -> Audit:
+    paths = [p for p, _ in items]
+    return Audit(items, duplicate_groups(perceptual_hashes(paths), max_distance, keys=[flickr_id(p) for p in paths]))
