@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='grouped: stratified, with copies of a photo on one side and photos filed under two '
                              'classes left out (see `train.py audit`); stratified: photos split independently '
                              '(default: %(default)s)')
+    opt('--patience', 'patience', int, 'early stopping after this many epochs without better validation accuracy; 0 = off')
+    parser.add_argument('--lr-find', action='store_true',
+                        help="run fastai's lr_find instead of training: saves <run>/lr_find.png, prints the suggestions")
     parser.add_argument('--num-workers', type=int, default=0,
                         help='DataLoader worker processes (default: %(default)s; on 2 CPU cores the model needs both)')
     parser.add_argument('--limit', type=int, help='train on a class-balanced subset of this many photos (smoke tests)')
@@ -70,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from flowers_fastai.pretrained import PretrainedUnavailable
-    from flowers_fastai.training import train
+    from flowers_fastai.training import find_lr, train
 
     if args.family == 'audit':
         from flowers_fastai.audit import audit_items
@@ -86,12 +89,18 @@ def main(argv=None) -> int:
         if not args.name:
             sys.exit('--resume needs the --name of the run to continue')
         config = json.loads((run_dir / 'config.json').read_text())
-        recipe, pretrained = Recipe(**config['recipe']), config['pretrained']
+        recipe, pretrained, args.data = Recipe(**config['recipe']), config['pretrained'], Path(config['data'])
     else:
         recipe = RECIPES[args.family].override(**vars(args))
         pretrained = False if args.no_pretrained else (args.pretrained_file or True)
     print(f'Run {run_dir}: {recipe}')
     try:
+        if args.lr_find:
+            for rule, lr in find_lr(recipe, args.data, run_dir, pretrained=pretrained, split=args.split,
+                                    num_workers=args.num_workers, limit_items=args.limit).items():
+                print(f'suggested lr ({rule}): {lr:.2e}')
+            print(f'plot: {run_dir / "lr_find.png"}')
+            return 0
         train(recipe, args.data, run_dir, pretrained=pretrained, resume=args.resume,
               num_workers=args.num_workers, limit_items=args.limit, split=args.split)
     except (ValueError, PretrainedUnavailable, FileExistsError, FileNotFoundError) as err:

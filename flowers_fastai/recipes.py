@@ -25,6 +25,7 @@ class Recipe:
     ema_decay: float = 0.0         # weight EMA decay per optimizer step (0.999 suits ~100 steps per epoch)
     mixup: float = 0.0             # probability that a training batch gets MixUp
     cutmix: float = 0.0            # probability that a training batch gets CutMix (instead)
+    patience: int = 0              # early stopping: epochs without a better validation accuracy (seed: 10)
 
     def override(self, **changes) -> 'Recipe':
         known = {f.name for f in fields(self)}

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastai.vision.all import (Adam, ClassificationInterpretation, CrossEntropyLossFlat, CSVLogger, Callback,
+                               EarlyStoppingCallback,
                                GradientClip, Learner, SaveModelCallback, accuracy, default_device, set_seed)
 
 from .architectures import ClipClassifier
@@ -38,6 +39,17 @@ class BestCheckpoint(SaveModelCallback):
     def __init__(self, best: float | None = None):
         super().__init__(monitor='accuracy', fname=BEST, reset_on_fit=False)
         self.best = best
+
+    def after_epoch(self):
+        if not _skipped(self.learn):
+            super().after_epoch()
+
+
+class EarlyStopping(EarlyStoppingCallback):
+    """fastai's EarlyStoppingCallback on validation accuracy, ignoring the epochs skipped on resume."""
+
+    def __init__(self, patience: int):
+        super().__init__(monitor='accuracy', comp=np.greater, patience=patience)
 
     def after_epoch(self):
         if not _skipped(self.learn):
@@ -107,23 +119,12 @@ def _phases(recipe: Recipe, pretrained) -> list[dict]:
                           lr=slice(recipe.lr / recipe.backbone_lr_div, recipe.lr))]
 
 
-def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained: bool | str | Path = True,
-          resume: bool = False, num_workers: int = 0, limit_items: int | None = None,
-          split: str = 'grouped') -> Learner:
-    """Train one model into `run_dir`: models/best.pth (best validation accuracy), history.csv,
-    confusion_matrix.{csv,png}, config.json, metrics.json. Returns the Learner holding the best weights.
-
-    `split`: 'grouped' (default) audits the photos first (audit.py): copies of one photo stay on one side of
-    the split and photos filed under two classes are left out; 'stratified' splits photos independently."""
-    run_dir = Path(run_dir)
-    state_path = run_dir / 'state.json'
-    if resume and not state_path.exists():
-        raise FileNotFoundError(f'nothing to resume in {run_dir} (no state.json)')
-    if not resume and (run_dir / 'models').exists():
-        raise FileExistsError(f'{run_dir} already holds a run: pass --resume to continue it, or another --name')
-    run_dir.mkdir(parents=True, exist_ok=True)
+def prepare_learner(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained: bool | str | Path = True,
+                    split: str = 'grouped', num_workers: int = 0, limit_items: int | None = None):
+    """Seeded data, split, model and fastai Learner for `recipe`; returns (learn, config) where `config` is what
+    config.json records. `split`: 'grouped' audits the photos first (audit.py): copies of one photo stay on one
+    side and photos filed under two classes are left out; 'stratified' splits photos independently."""
     set_seed(recipe.seed, reproducible=False)
-
     scanned = scan_image_folder(data_dir)
     items = scanned.items if limit_items is None else _stratified_subset(scanned.items, limit_items, recipe.seed)
     groups, left_out = None, 0
@@ -138,15 +139,34 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
     pp = preprocessing_for(recipe)
     dls = flower_dataloaders(items, pp, bs=recipe.bs, valid_pct=recipe.valid_pct, seed=recipe.seed,
                              num_workers=num_workers, min_scale=recipe.min_scale, groups=groups)
-    model = create_model(recipe, pretrained=pretrained if not resume else False)
-    learn = make_learner(recipe, dls, model, run_dir)
-
+    model = create_model(recipe, pretrained=pretrained)
+    learn = make_learner(recipe, dls, model, Path(run_dir))
     config = {'recipe': asdict(recipe), 'preprocessing': asdict(pp), 'classes': CLASSES,
               'data': str(Path(data_dir).resolve()), 'split': split, 'left_out_filed_under_two_classes': left_out,
               'n_train': len(dls.train_ds), 'n_valid': len(dls.valid_ds),
               'pretrained': str(pretrained) if pretrained else False, 'torch': torch.__version__}
     if isinstance(model, ClipClassifier):
         config['clip_spec'] = model.spec.to_dict()
+    return learn, config
+
+
+def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained: bool | str | Path = True,
+          resume: bool = False, num_workers: int = 0, limit_items: int | None = None,
+          split: str = 'grouped') -> Learner:
+    """Train one model into `run_dir`: models/best.pth (best validation accuracy), history.csv,
+    confusion_matrix.{csv,png}, config.json, metrics.json. Returns the Learner holding the best weights.
+    With `resume`, the run continues after its last finished epoch, on the split it was started with."""
+    run_dir = Path(run_dir)
+    state_path = run_dir / 'state.json'
+    if resume:
+        if not state_path.exists():
+            raise FileNotFoundError(f'nothing to resume in {run_dir} (no state.json)')
+        split = json.loads((run_dir / 'config.json').read_text()).get('split', 'stratified')  # older runs: stratified
+    elif (run_dir / 'models').exists():
+        raise FileExistsError(f'{run_dir} already holds a run: pass --resume to continue it, or another --name')
+    run_dir.mkdir(parents=True, exist_ok=True)
+    learn, config = prepare_learner(recipe, data_dir, run_dir, pretrained=False if resume else pretrained,
+                                    split=split, num_workers=num_workers, limit_items=limit_items)
     if not resume:
         (run_dir / 'config.json').write_text(json.dumps(config, indent=2))
 
@@ -173,6 +193,8 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
                 continue
             print(f'Resuming phase {phase["name"]} at epoch {start_epoch}')
         cbs = [tracker, ResumableCheckpoint(state_path, i, tracker), HistoryCSV(phase['name']), *recipe_cbs]
+        if recipe.patience:
+            cbs.append(EarlyStopping(patience=recipe.patience))
         learn.fit_one_cycle(phase['epochs'], phase['lr'], start_epoch=start_epoch, cbs=cbs)
         state = {'phase': i + 1, 'epoch': -1, 'best': float(tracker.best)}
         state_path.write_text(json.dumps(state))
@@ -181,6 +203,25 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
     learn.load(BEST, with_opt=False)
     report_run(learn, run_dir, seconds=time.time() - started)
     return learn
+
+
+def find_lr(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained: bool | str | Path = True,
+            split: str = 'grouped', num_workers: int = 0, limit_items: int | None = None) -> dict[str, float]:
+    """fastai's `lr_find` on the recipe's first phase (head only when pretrained): saves lr_find.png in
+    `run_dir` and returns the suggested learning rates."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from fastai.callback.schedule import minimum, slide, steep, valley
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    learn, _ = prepare_learner(recipe, data_dir, run_dir, pretrained, split, num_workers, limit_items)
+    if _phases(recipe, pretrained)[0]['frozen']:
+        learn.freeze()
+    suggestions = learn.lr_find(suggest_funcs=(minimum, steep, valley, slide), show_plot=True)
+    plt.savefig(run_dir / 'lr_find.png', dpi=100, bbox_inches='tight')
+    plt.close('all')
+    return {name: float(value) for name, value in suggestions._asdict().items()}
 
 
 def report_run(learn: Learner, run_dir: Path, seconds: float | None = None) -> dict:

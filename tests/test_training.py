@@ -70,14 +70,19 @@ def test_resume_continues_after_the_last_finished_epoch(colour_folder, tmp_path,
             raise KeyboardInterrupt('simulated interruption')
     monkeypatch.setattr(ResumableCheckpoint, 'after_epoch', crash_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train(TINY_CNN.override(epochs=3), colour_folder, run, pretrained=False)
+        train(TINY_CNN.override(epochs=3), colour_folder, run, pretrained=False, split='stratified')
     assert json.loads((run / 'state.json').read_text())['epoch'] == 0
     monkeypatch.setattr(ResumableCheckpoint, 'after_epoch', original)
 
-    train(TINY_CNN.override(epochs=3), colour_folder, run, pretrained=False, resume=True)
+    learn = train(TINY_CNN.override(epochs=3), colour_folder, run, pretrained=False, resume=True)
     history = pd.read_csv(run / 'history.csv')
     assert list(history.epoch) == [0, 1, 2]            # epoch 0 is not trained twice, none is skipped
     assert json.loads((run / 'state.json').read_text())['phase'] == 1
+    # the resumed run validates on the split it started with (stratified), not on today's default
+    from flowers_fastai.data import scan_image_folder, stratified_split
+    items = scan_image_folder(colour_folder).items
+    _, valid = stratified_split([label for _, label in items], TINY_CNN.valid_pct, TINY_CNN.seed)
+    assert set(learn.dls.valid_ds.items.path) == {items[i][0] for i in valid}
 
 
 def _fastai_logits(learn, paths):
@@ -176,3 +181,22 @@ def test_ema_and_mixup_cutmix_run_in_train_and_the_ema_is_exported(colour_folder
     exported = torch.load(export_run(run, tmp_path / 'cnn.pth'), map_location='cpu', weights_only=True)
     for k, v in ema['ema'].items():               # one epoch: the best checkpoint is the EMA after it
         torch.testing.assert_close(exported[k], v)
+
+
+def test_early_stopping_on_validation_accuracy(colour_folder, tmp_path):
+    run = tmp_path / 'run'
+    train(TINY_CNN.override(epochs=5, lr=0.0, patience=1), colour_folder, run, pretrained=False)  # nothing improves
+    assert list(pd.read_csv(run / 'history.csv').epoch) == [0, 1]
+
+
+def test_lr_find_saves_its_plot_and_suggests_rates(colour_folder, tmp_path, capsys):
+    import train as train_cli
+    assert train_cli.main(['cnn', '--lr-find', '--data', str(colour_folder), '--runs', str(tmp_path), '--name', 'lr',
+                           '--arch', 'convnextv2_atto', '--size', '32', '--bs', '8', '--no-pretrained',
+                           '--valid-pct', '0.25']) == 0
+    out = capsys.readouterr().out
+    for rule in ('minimum', 'steep', 'valley', 'slide'):
+        lr = float(out.split(f'suggested lr ({rule}): ')[1].split()[0])
+        assert 1e-7 < lr < 10
+    assert (tmp_path / 'lr' / 'lr_find.png').stat().st_size > 1000
+    assert not (tmp_path / 'lr' / 'models' / 'best.pth').exists()
