@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, ImageBlock, Normalize, PILImage, RandomResizedCrop,
+from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, ImageBlock, Normalize, PILImage, RandomErasing,
+                               RandomResizedCrop,
                                Transform, aug_transforms)
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
@@ -161,17 +162,44 @@ class EvalResizeCrop(Transform):
         return type(x)(resize_center_crop(x, self.pp))
 
 
+class TrainPhotoAugment(Transform):
+    """RandAugment then ColorJitter (torchvision) on training photos, after the random crop.
+
+    Composed here because timm's `create_transform` silently drops ColorJitter whenever RandAugment is on;
+    the seed's recipe wants both."""
+    split_idx, order = 0, 2
+
+    def __init__(self, randaugment_ops: int = 2, randaugment_magnitude: int = 9, color_jitter: float = 0.4):
+        super().__init__()
+        from torchvision import transforms as T
+        steps = [T.RandAugment(randaugment_ops, randaugment_magnitude)] if randaugment_ops else []
+        steps += [T.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter else []
+        self.steps = T.Compose(steps)
+
+    def encodes(self, x: PILImage):
+        return type(x)(self.steps(x))
+
+
 def flower_datablock(pp: Preprocessing, valid_pct: float = 0.2, seed: int = 0, min_scale: float = 0.35,
-                     augment: bool = True) -> DataBlock:
-    """DataBlock over a DataFrame of photos (`items_frame`): random resized crops + `aug_transforms` for training, the
-    deterministic `submit` crop for validation, then the model family's normalisation."""
+                     augment: bool = True, randaugment: int = 0, randaugment_magnitude: int = 9,
+                     color_jitter: float = 0.0, random_erasing: float = 0.0) -> DataBlock:
+    """DataBlock over a DataFrame of photos (`items_frame`). Training: random resized crop, optional
+    RandAugment (`randaugment` ops) and ColorJitter, fastai's `aug_transforms` (flip, rotate, zoom, warp,
+    lighting), optional Random Erasing (probability). Validation: the deterministic `submit` crop. Both: the
+    model family's normalisation."""
+    item_tfms = [TrainRandomResizedCrop(pp.size, min_scale=min_scale, resamples=(Image.BICUBIC, Image.NEAREST)),
+                 EvalResizeCrop(pp)]
+    if randaugment or color_jitter:
+        item_tfms.append(TrainPhotoAugment(randaugment, randaugment_magnitude, color_jitter))
     batch_tfms = aug_transforms(size=None, max_rotate=10.0, max_warp=0.1) if augment else []
+    batch_tfms.append(Normalize.from_stats(pp.mean, pp.std))
+    if random_erasing:
+        batch_tfms.append(RandomErasing(p=random_erasing, max_count=1))  # after Normalize: fills with noise
     return DataBlock(
         blocks=(ImageBlock(cls=FlowerImage), CategoryBlock(vocab=CLASSES)),
         get_x=ColReader('path'), get_y=ColReader('label'),
         splitter=StratifiedSplitter(valid_pct, seed),
-        item_tfms=[TrainRandomResizedCrop(pp.size, min_scale=min_scale, resamples=(Image.BICUBIC, Image.NEAREST)), EvalResizeCrop(pp)],
-        batch_tfms=[*batch_tfms, Normalize.from_stats(pp.mean, pp.std)],
+        item_tfms=item_tfms, batch_tfms=batch_tfms,
     )
 
 

@@ -25,6 +25,10 @@ class Recipe:
     ema_decay: float = 0.0         # weight EMA decay per optimizer step (0.999 suits ~100 steps per epoch)
     mixup: float = 0.0             # probability that a training batch gets MixUp
     cutmix: float = 0.0            # probability that a training batch gets CutMix (instead)
+    randaugment: int = 0           # RandAugment operations per training photo (seed: 2)
+    randaugment_magnitude: int = 9
+    color_jitter: float = 0.0      # brightness/contrast/saturation jitter (seed: 0.4)
+    random_erasing: float = 0.0    # probability that a batch gets one random rectangle erased (seed: light)
     patience: int = 0              # early stopping: epochs without a better validation accuracy (seed: 10)
 
     def override(self, **changes) -> 'Recipe':

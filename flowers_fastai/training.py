@@ -138,7 +138,9 @@ def prepare_learner(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, p
         raise ValueError(f'split must be "grouped" or "stratified", not {split!r}')
     pp = preprocessing_for(recipe)
     dls = flower_dataloaders(items, pp, bs=recipe.bs, valid_pct=recipe.valid_pct, seed=recipe.seed,
-                             num_workers=num_workers, min_scale=recipe.min_scale, groups=groups)
+                             num_workers=num_workers, min_scale=recipe.min_scale, groups=groups,
+                             randaugment=recipe.randaugment, randaugment_magnitude=recipe.randaugment_magnitude,
+                             color_jitter=recipe.color_jitter, random_erasing=recipe.random_erasing)
     model = create_model(recipe, pretrained=pretrained)
     learn = make_learner(recipe, dls, model, Path(run_dir))
     config = {'recipe': asdict(recipe), 'preprocessing': asdict(pp), 'classes': CLASSES,
