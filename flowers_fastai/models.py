@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from torch import nn
 
 from .architectures import (ClipClassifier, build_cnn, clip_spec_from_open_clip)
@@ -38,15 +40,27 @@ def create_model(recipe: Recipe, pretrained: bool | str | Path = True) -> nn.Mod
 
 
 def cnn_splitter(model: nn.Module) -> list[list[nn.Parameter]]:
-    """[backbone, head] for fastai's `freeze` and discriminative LRs (timm ConvNeXt: `head` is the head)."""
-    head = list(model.head.parameters())
-    head_ids = {id(p) for p in head}
-    return [[p for p in model.parameters() if id(p) not in head_ids], head]
+    """Parameter groups, bottom to top: [stem], [stage 0] ... [stage 3], [head] (timm ConvNeXt V2).
+    fastai freezes all groups but the last N with `freeze_to(-N)`; layer-wise LR decay gives one LR per group."""
+    top = list(model.stages[-1].parameters()) + list(model.norm_pre.parameters())
+    return ([list(model.stem.parameters())] + [list(stage.parameters()) for stage in model.stages[:-1]]
+            + [top, list(model.head.parameters())])
 
 
 def vit_splitter(model: ClipClassifier) -> list[list[nn.Parameter]]:
-    """[CLIP image tower, head]."""
-    return [list(model.visual.parameters()), list(model.head.parameters())]
+    """Parameter groups, bottom to top: [patch embedding, class and position embeddings, ln_pre],
+    [block 0] ... [block L-1 + ln_post + proj], [head] (open_clip CLIP image tower)."""
+    v = model.visual
+    blocks = [list(block.parameters()) for block in v.transformer.resblocks]
+    embed = [p for name, p in v.named_parameters() if not name.startswith(('transformer.', 'ln_post', 'proj'))]
+    blocks[-1] += list(v.ln_post.parameters()) + [v.proj]
+    return [embed, *blocks, list(model.head.parameters())]
+
+
+def layerwise_lrs(n_groups: int, head_lr: float, top_lr: float, decay: float) -> np.ndarray:
+    """One LR per parameter group: `head_lr` for the head (last group), `top_lr` for the top backbone group,
+    multiplied by `decay` for each group further down."""
+    return np.array([top_lr * decay ** (n_groups - 2 - i) for i in range(n_groups - 1)] + [head_lr])
 
 
 SPLITTERS = {'cnn': cnn_splitter, 'vit': vit_splitter}

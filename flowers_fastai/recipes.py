@@ -11,16 +11,21 @@ class Recipe:
     pretrained_tag: str            # timm tag / open_clip pretrained tag downloaded when online
     size: int                      # training and inference resolution
     bs: int
-    epochs: int                    # full fine-tuning epochs (phase B)
-    freeze_epochs: int             # head-only epochs with the backbone frozen (phase A)
-    lr: float                      # base learning rate (head); the backbone gets lr / backbone_lr_div
-    backbone_lr_div: float         # ratio head LR / lowest backbone LR in phase B
+    epochs: int                    # phase B: fine-tuning epochs (or, from scratch, all the training)
+    freeze_epochs: int             # phase A: epochs with the backbone frozen (linear probe / head only)
+    lr: float                      # peak learning rate of the head
+    backbone_lr_div: float         # head LR / LR of the top backbone block
     wd: float                      # decoupled weight decay (AdamW)
     label_smoothing: float
     drop_path: float
     valid_pct: float = 0.2
     seed: int = 0
     min_scale: float = 0.35        # RandomResizedCrop's smallest crop (fraction of the photo)
+    llrd: float = 0.75             # layer-wise LR decay: each block below the top gets `llrd` x the LR above it
+    phase_a_blocks: int = 0        # phase A also trains the top N backbone blocks/stages (CNN option: 1)
+    unfreeze_blocks: int = 0       # phase B trains the top N blocks (+ head); 0 = the whole backbone
+    final_epochs: int = 0          # phase C (optional): everything unfrozen, LRs / final_lr_div
+    final_lr_div: float = 10.0
     # Opt-in for now (0 = off) so that runs made before they existed resume unchanged:
     ema_decay: float = 0.0         # weight EMA decay per optimizer step (0.999 suits ~100 steps per epoch)
     mixup: float = 0.0             # probability that a training batch gets MixUp
@@ -37,14 +42,16 @@ class Recipe:
 
 
 # ConvNeXt V2 (seed s.4 and s.9): 224 px, batch 32, AdamW wd 0.05, head LR 1e-3, full fine-tune LR 2e-4,
-# label smoothing 0.1, drop path on.
+# label smoothing 0.1, drop path on. Phase A head only (option: + last stage), phase B everything, per-stage LLRD.
 CNN = Recipe(family='cnn', arch='convnextv2_tiny', pretrained_tag='fcmae_ft_in22k_in1k', size=224, bs=32,
-             epochs=30, freeze_epochs=3, lr=1e-3, backbone_lr_div=5.0, wd=0.05, label_smoothing=0.1,
+             epochs=30, freeze_epochs=3, lr=1e-3, backbone_lr_div=5.0, llrd=0.75, wd=0.05, label_smoothing=0.1,
              drop_path=0.1)
 
-# CLIP ViT-L/14 (seed s.5 and s.9): 224 px, batch 16, head LR 1e-3, backbone LR 1e-5, label smoothing 0.05.
+# CLIP ViT-L/14 (seed s.5 and s.9): 224 px, batch 16, head LR 1e-3, backbone LR 1e-5, label smoothing 0.05,
+# LLRD 0.75 per transformer block. Stages: (1) linear probe, (2) the top `unfreeze_blocks` blocks (6: our choice,
+# the seed leaves N open), (3) optionally everything at a very low LR (`final_epochs`).
 VIT = Recipe(family='vit', arch='ViT-L-14-quickgelu', pretrained_tag='openai', size=224, bs=16,
-             epochs=15, freeze_epochs=3, lr=1e-3, backbone_lr_div=100.0, wd=0.05, label_smoothing=0.05,
-             drop_path=0.0)
+             epochs=15, freeze_epochs=3, lr=1e-3, backbone_lr_div=100.0, llrd=0.75, wd=0.05, label_smoothing=0.05,
+             drop_path=0.0, unfreeze_blocks=6)
 
 RECIPES = {'cnn': CNN, 'vit': VIT}

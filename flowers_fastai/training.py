@@ -17,7 +17,7 @@ from .audit import audit_items
 from .callbacks import MixUpCutMix, WeightEMA
 from .data import flower_dataloaders, scan_image_folder
 from .labels import CLASSES
-from .models import SPLITTERS, create_model
+from .models import SPLITTERS, create_model, layerwise_lrs
 from .preprocess import cnn_preprocessing, vit_preprocessing
 from .recipes import Recipe
 
@@ -103,20 +103,35 @@ def make_learner(recipe: Recipe, dls, model, run_dir: Path) -> Learner:
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(label_smoothing=recipe.label_smoothing),
                     opt_func=Adam,  # fastai's Adam with decoupled weight decay: AdamW
                     wd=recipe.wd, metrics=accuracy, splitter=SPLITTERS[recipe.family],
-                    path=run_dir, model_dir='models', cbs=[GradientClip(1.0)])
+                    path=run_dir, model_dir='models', cbs=[GradientClip(1.0)],
+                    train_bn=False)  # frozen means frozen: no norm layer trains in a linear probe
     if default_device().type == 'cuda':
         learn.to_fp16()  # AMP on GPU only: bf16/fp16 on this kind of CPU is slower than fp32
     return learn
 
 
-def _phases(recipe: Recipe, pretrained) -> list[dict]:
-    """fastai's `fine_tune` as explicit phases: (A) head only with the backbone frozen, (B) everything,
-    backbone at a lower LR. From scratch there is nothing to protect: one phase, one LR."""
+def _phases(recipe: Recipe, pretrained, n_groups: int) -> list[dict]:
+    """fastai's `fine_tune` as explicit phases over the splitter's groups (bottom ... top block, head):
+    (A) the head (+ `phase_a_blocks` top blocks) with the rest frozen, (B) the top `unfreeze_blocks` blocks or
+    everything, (C, optional) everything at LRs / `final_lr_div`. LRs fall by `llrd` per block from the top
+    (layer-wise LR decay). `trainable`: how many groups from the top train (None: all). From scratch there is
+    nothing to protect: one phase, everything at one LR."""
     if not pretrained:
-        return [dict(name='scratch', epochs=recipe.epochs, frozen=False, lr=recipe.lr)]
-    phases = [dict(name='frozen', epochs=recipe.freeze_epochs, frozen=True, lr=recipe.lr)] if recipe.freeze_epochs else []
-    return phases + [dict(name='full', epochs=recipe.epochs, frozen=False,
-                          lr=slice(recipe.lr / recipe.backbone_lr_div, recipe.lr))]
+        return [dict(name='scratch', epochs=recipe.epochs, trainable=None, lr=recipe.lr)]
+    lrs = layerwise_lrs(n_groups, recipe.lr, recipe.lr / recipe.backbone_lr_div, recipe.llrd)
+    phases = [dict(name='frozen', epochs=recipe.freeze_epochs, trainable=1 + recipe.phase_a_blocks, lr=lrs),
+              dict(name='partial' if recipe.unfreeze_blocks else 'full', epochs=recipe.epochs,
+                   trainable=1 + recipe.unfreeze_blocks if recipe.unfreeze_blocks else None, lr=lrs),
+              dict(name='final', epochs=recipe.final_epochs, trainable=None, lr=lrs / recipe.final_lr_div)]
+    return [phase for phase in phases if phase['epochs']]
+
+
+def _set_trainable(learn: Learner, trainable: int | None) -> None:
+    n_groups = len(learn.splitter(learn.model))
+    if trainable is None or trainable >= n_groups:
+        learn.unfreeze()
+    else:
+        learn.freeze_to(-trainable)
 
 
 def prepare_learner(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained: bool | str | Path = True,
@@ -180,13 +195,10 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
     if recipe.mixup or recipe.cutmix:
         recipe_cbs.append(MixUpCutMix(p_mixup=recipe.mixup, p_cutmix=recipe.cutmix))
     started = time.time()
-    for i, phase in enumerate(_phases(recipe, pretrained)):
-        if i < state['phase'] or phase['epochs'] == 0:
+    for i, phase in enumerate(_phases(recipe, pretrained, len(learn.splitter(learn.model)))):
+        if i < state['phase']:
             continue
-        if phase['frozen']:
-            learn.freeze()
-        else:
-            learn.unfreeze()
+        _set_trainable(learn, phase['trainable'])
         start_epoch = 0
         if resume and i == state['phase']:
             learn.load(LAST, with_opt=True)
@@ -218,8 +230,7 @@ def find_lr(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretraine
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     learn, _ = prepare_learner(recipe, data_dir, run_dir, pretrained, split, num_workers, limit_items)
-    if _phases(recipe, pretrained)[0]['frozen']:
-        learn.freeze()
+    _set_trainable(learn, _phases(recipe, pretrained, len(learn.splitter(learn.model)))[0]['trainable'])
     suggestions = learn.lr_find(suggest_funcs=(minimum, steep, valley, slide), show_plot=True)
     plt.savefig(run_dir / 'lr_find.png', dpi=100, bbox_inches='tight')
     plt.close('all')

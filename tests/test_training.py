@@ -123,16 +123,56 @@ def test_export_then_submit_gives_the_learners_logits(tmp_path, monkeypatch):
                                expected[0], atol=2e-2, rtol=0)
 
 
-def test_vit_fine_tune_freezes_then_unfreezes_and_round_trips(colour_folder, tmp_path, tiny_clip_name):
+class StageSpy:
+    """Records, at the first training batch of every fit (phase), which parameter groups train and their LRs."""
+
+    def __init__(self):
+        self.phases = []
+
+    def callback(self):
+        from fastai.vision.all import Callback
+        spy = self
+
+        class Spy(Callback):
+            def before_fit(self):
+                self.first = True
+
+            def after_batch(self):
+                if self.training and self.first:
+                    self.first = False
+                    groups = self.learn.splitter(self.learn.model)
+                    spy.phases.append({
+                        'trains': [all(p.requires_grad for p in g) for g in groups],
+                        'frozen': [not any(p.requires_grad for p in g) for g in groups],
+                        'lr': [h['lr'] for h in self.learn.opt.hypers]})
+        return Spy()
+
+
+def test_vit_stages_freeze_unfreeze_and_decay_lrs_per_block(colour_folder, tmp_path, tiny_clip_name, monkeypatch):
     import open_clip
+    from flowers_fastai import training
     torch.manual_seed(0)
     clip = open_clip.create_model(tiny_clip_name, pretrained=None)
     stand_in = tmp_path / 'open_clip_pytorch_model.bin'
     torch.save(clip.state_dict(), stand_in)
-    recipe = VIT.override(arch=tiny_clip_name, size=32, bs=8, epochs=1, freeze_epochs=1, valid_pct=0.25)
+    spy, make = StageSpy(), training.make_learner
+    monkeypatch.setattr(training, 'make_learner', lambda *a, **k: make(*a, **k).add_cb(spy.callback()))
+    recipe = VIT.override(arch=tiny_clip_name, size=32, bs=8, epochs=1, freeze_epochs=1, final_epochs=1,
+                          unfreeze_blocks=1, llrd=0.5, valid_pct=0.25)
     learn = train(recipe, colour_folder, tmp_path / 'run', pretrained=stand_in)
-    history = pd.read_csv(tmp_path / 'run' / 'history.csv')
-    assert list(history.phase) == ['frozen', 'full']
+    assert list(pd.read_csv(tmp_path / 'run' / 'history.csv').phase) == ['frozen', 'partial', 'final']
+
+    # groups: [embeddings], [block 0], [block 1 + ln_post + proj], [head]
+    probe, partial, final = spy.phases
+    assert probe['trains'] == [False, False, False, True] and probe['frozen'] == [True, True, True, False]
+    assert partial['trains'] == [False, False, True, True] and partial['frozen'][:2] == [True, True]
+    assert final['trains'] == [True, True, True, True]
+    top = recipe.lr / recipe.backbone_lr_div
+    for phase in (partial, final):   # one-cycle scales every group alike: the ratios to the head are the recipe's
+        expected = np.array([top * 0.25, top * 0.5, top, recipe.lr]) / recipe.lr
+        np.testing.assert_allclose(np.array(phase['lr']) / phase['lr'][-1], expected, rtol=1e-6)
+    # same epochs, same point of the schedule: phase C runs at the LRs of phase B / final_lr_div
+    np.testing.assert_allclose(np.array(final['lr']) * recipe.final_lr_div, partial['lr'], rtol=1e-6)
 
     out = export_run(tmp_path / 'run', tmp_path / 'vit_flowers.pth')
     state = torch.load(out, map_location='cpu', weights_only=True)
@@ -142,6 +182,24 @@ def test_vit_fine_tune_freezes_then_unfreezes_and_round_trips(colour_folder, tmp
     photo = next(iter(colour_folder.glob('rose/*.jpg')))
     torch.testing.assert_close(model(load_for_model(photo, model.flowers_preprocessing))[0],
                                _fastai_logits(learn, [photo])[0], atol=1e-5, rtol=0)
+
+
+def test_cnn_phases_head_then_last_stage_then_all_with_per_stage_lrs(colour_folder, tmp_path, monkeypatch):
+    from flowers_fastai import training
+    stand_in = tmp_path / 'model.safetensors'
+    import timm
+    from safetensors.torch import save_file
+    save_file(timm.create_model('convnextv2_atto', num_classes=1000).state_dict(), stand_in)
+    spy, make = StageSpy(), training.make_learner
+    monkeypatch.setattr(training, 'make_learner', lambda *a, **k: make(*a, **k).add_cb(spy.callback()))
+    train(TINY_CNN.override(freeze_epochs=1, phase_a_blocks=1, llrd=0.5), colour_folder, tmp_path / 'run',
+          pretrained=stand_in)
+    head_and_last_stage, full = spy.phases   # groups: [stem], [stage 0..2] x3, [stage 3], [head]
+    assert head_and_last_stage['trains'] == [False] * 4 + [True, True]
+    assert full['trains'] == [True] * 6
+    top = TINY_CNN.lr / TINY_CNN.backbone_lr_div
+    expected = np.array([top / 16, top / 8, top / 4, top / 2, top, TINY_CNN.lr]) / TINY_CNN.lr
+    np.testing.assert_allclose(np.array(full['lr']) / full['lr'][-1], expected, rtol=1e-6)
 
 
 def test_latest_run_picks_the_newest_finished_run_of_a_family(colour_folder, tmp_path):
