@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              'classes left out (see `train.py audit`); stratified: photos split independently '
                              '(default: %(default)s)')
     opt('--patience', 'patience', int, 'early stopping after this many epochs without better validation accuracy; 0 = off')
+    parser.add_argument('--seeds', type=int, nargs='+',
+                        help='seeds protocol: one full training per seed under runs/<name>/seed<k>, then summary.md '
+                             '(mean +/- std), curves.png and the global best seed (what export.py takes)')
     parser.add_argument('--lr-find', action='store_true',
                         help="run fastai's lr_find instead of training: saves <run>/lr_find.png, prints the suggestions")
     parser.add_argument('--num-workers', type=int, default=0,
@@ -94,11 +97,15 @@ def main(argv=None) -> int:
         return 0
     name = args.name or f'{args.family}-{datetime.now():%Y%m%d-%H%M%S}'
     run_dir = args.runs / name
+    # what a resume must reuse: the recipe, the weights it started from, the data and the split
+    settings_file = run_dir / ('experiment.json' if args.seeds else 'config.json')
     if args.resume:
-        if not args.name:
-            sys.exit('--resume needs the --name of the run to continue')
-        config = json.loads((run_dir / 'config.json').read_text())
-        recipe, pretrained, args.data = Recipe(**config['recipe']), config['pretrained'], Path(config['data'])
+        if not args.name or not settings_file.is_file():
+            sys.exit(f'--resume needs the --name of a run to continue (no {settings_file})')
+        settings = json.loads(settings_file.read_text())
+        recipe, args.data = Recipe(**settings['recipe']), Path(settings['data'])
+        pretrained = {'True': True, 'False': False}.get(str(settings['pretrained']), settings['pretrained'])
+        args.split = settings.get('split', 'stratified')
     else:
         recipe = RECIPES[args.family].override(**vars(args))
         pretrained = False if args.no_pretrained else (args.pretrained_file or True)
@@ -109,6 +116,19 @@ def main(argv=None) -> int:
                                     num_workers=args.num_workers, limit_items=args.limit).items():
                 print(f'suggested lr ({rule}): {lr:.2e}')
             print(f'plot: {run_dir / "lr_find.png"}')
+            return 0
+        if args.seeds:
+            from dataclasses import asdict
+            from flowers_fastai.experiments import run_seeds
+            if not args.resume:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                settings_file.write_text(json.dumps({'recipe': asdict(recipe), 'pretrained': str(pretrained)
+                                                     if pretrained else False, 'data': str(args.data.resolve()),
+                                                     'split': args.split, 'seeds': args.seeds}, indent=2))
+            summary = run_seeds(recipe, args.data, run_dir, args.seeds, pretrained=pretrained, resume=args.resume,
+                                num_workers=args.num_workers, limit_items=args.limit, split=args.split)
+            print(f'{len(summary["seeds"])} seeds: {summary["mean"]:.4f} +/- {summary["std"]:.4f}; '
+                  f'best {summary["best_run"]}; see {run_dir / "summary.md"}')
             return 0
         train(recipe, args.data, run_dir, pretrained=pretrained, resume=args.resume,
               num_workers=args.num_workers, limit_items=args.limit, split=args.split)

@@ -12,27 +12,35 @@ from .architectures import ClipClassifier, ClipTowerSpec, build_cnn, load_exactl
 FAMILIES = ('cnn', 'vit')
 
 
+def resolve_run(run_dir: Path) -> Path:
+    """A run folder as is; a seeds experiment (summary.json, see experiments.py) as its global best seed."""
+    summary = Path(run_dir) / 'summary.json'
+    return Path(run_dir) / json.loads(summary.read_text())['best_run'] if summary.is_file() else Path(run_dir)
+
+
 def run_config(run_dir: Path) -> dict:
-    config_path = Path(run_dir) / 'config.json'
+    config_path = resolve_run(run_dir) / 'config.json'
     if not config_path.is_file():
         raise FileNotFoundError(f'{run_dir} is not a training run folder (no config.json)')
     return json.loads(config_path.read_text())
 
 
 def latest_run(runs_dir: Path, family: str) -> Path | None:
-    """The most recently finished run of `family` under `runs_dir` (one with metrics.json)."""
-    finished = [p.parent for p in Path(runs_dir).glob('*/metrics.json')
-                if run_config(p.parent)['recipe']['family'] == family]
-    return max(finished, key=lambda p: (p / 'metrics.json').stat().st_mtime, default=None)
+    """The most recently finished run or seeds experiment of `family` under `runs_dir`."""
+    finished = {p: p.stat().st_mtime for pattern in ('*/metrics.json', '*/summary.json')
+                for p in Path(runs_dir).glob(pattern)}
+    finished = {p.parent: t for p, t in sorted(finished.items(), key=lambda item: item[1])
+                if run_config(p.parent)['recipe']['family'] == family}
+    return max(finished, key=finished.get, default=None)
 
 
 def export_run(run_dir: str | Path, out: str | Path, half: bool = False) -> Path:
-    """Write `run_dir`'s models/best.pth as a raw state_dict at `out` (fp16 with `half`), plus `out`.json.
+    """Write `run_dir`'s models/best.pth (a seeds experiment: its best seed's) as a raw state_dict at `out` (fp16 with `half`), plus `out`.json.
 
     The weights are first loaded into the network `submit` builds, every key checked, so that an export
     that `submit` could not load fails here and not on the user's machine.
     """
-    run_dir, out = Path(run_dir), Path(out)
+    run_dir, out = resolve_run(run_dir), Path(out)
     config = run_config(run_dir)
     recipe, pp = config['recipe'], config['preprocessing']
     best = run_dir / 'models' / 'best.pth'
