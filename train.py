@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='grouped: stratified, with copies of a photo on one side and photos filed under two '
                              'classes left out (see `train.py audit`); stratified: photos split independently '
                              '(default: %(default)s)')
+    opt('--lora-rank', 'lora_rank', int, 'ViT: LoRA rank on attention and MLP projections, merged at export; 0 = off')
+    opt('--lora-alpha', 'lora_alpha', float, 'LoRA scale numerator (updates are scaled by alpha / rank)')
     opt('--patience', 'patience', int, 'early stopping after this many epochs without better validation accuracy; 0 = off')
     parser.add_argument('--seeds', type=int, nargs='+',
                         help='seeds protocol: one full training per seed under runs/<name>/seed<k>, then summary.md '

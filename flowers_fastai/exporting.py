@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .architectures import ClipClassifier, ClipTowerSpec, build_cnn, load_exactly
+from .lora import apply_lora, merge_lora
 
 FAMILIES = ('cnn', 'vit')
 
@@ -51,13 +52,18 @@ def export_run(run_dir: str | Path, out: str | Path, half: bool = False) -> Path
 
     if recipe['family'] == 'cnn':
         model = build_cnn(recipe['arch'])
+        key_order = list(model.state_dict())
         sidecar = {'family': 'cnn', 'arch': recipe['arch'].split('.')[0]}
     else:
         spec = ClipTowerSpec(**config['clip_spec'])
         model = ClipClassifier(spec)
+        key_order = list(model.state_dict())
+        if recipe.get('lora_rank'):  # the checkpoint holds LoRA updates: load them, then fold them in
+            apply_lora(model.visual, recipe['lora_rank'], recipe.get('lora_alpha', 16.0))
         sidecar = {'family': 'vit', 'arch': spec.name, 'quick_gelu': spec.quick_gelu, 'head_width': spec.head_width}
     load_exactly(model, state, str(best))
-    state_dict = model.state_dict()
+    merged = merge_lora(model).state_dict()
+    state_dict = {k: merged[k] for k in key_order}  # the published key order, whatever LoRA did
     if half:
         state_dict = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
 

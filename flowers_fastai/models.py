@@ -9,6 +9,7 @@ from torch import nn
 
 from .architectures import (ClipClassifier, build_cnn, clip_spec_from_open_clip)
 from .pretrained import (clip_pretrained_file, cnn_pretrained_file, load_clip_backbone, load_cnn_backbone)
+from .lora import apply_lora, is_lora_parameter
 from .recipes import Recipe
 
 
@@ -35,6 +36,8 @@ def create_model(recipe: Recipe, pretrained: bool | str | Path = True) -> nn.Mod
             pretrained = clip_pretrained_file(recipe.arch, recipe.pretrained_tag)
         if pretrained:
             load_clip_backbone(model, pretrained)
+        if recipe.lora_rank:
+            apply_lora(model.visual, recipe.lora_rank, recipe.lora_alpha)
         return model
     raise ValueError(f'unknown model family {recipe.family!r}; expected "cnn" or "vit"')
 
@@ -54,7 +57,11 @@ def vit_splitter(model: ClipClassifier) -> list[list[nn.Parameter]]:
     blocks = [list(block.parameters()) for block in v.transformer.resblocks]
     embed = [p for name, p in v.named_parameters() if not name.startswith(('transformer.', 'ln_post', 'proj'))]
     blocks[-1] += list(v.ln_post.parameters()) + [v.proj]
-    return [embed, *blocks, list(model.head.parameters())]
+    groups = [embed, *blocks]
+    lora = {id(p) for name, p in v.named_parameters() if is_lora_parameter(name)}
+    if lora:  # LoRA: of the tower, only the low-rank updates ever train
+        groups = [g for g in ([p for p in group if id(p) in lora] for group in groups) if g]
+    return [*groups, list(model.head.parameters())]
 
 
 def layerwise_lrs(n_groups: int, head_lr: float, top_lr: float, decay: float) -> np.ndarray:

@@ -34,6 +34,8 @@ class Recipe:
     randaugment_magnitude: int = 9
     color_jitter: float = 0.0      # brightness/contrast/saturation jitter (seed: 0.4)
     random_erasing: float = 0.0    # probability that a batch gets one random rectangle erased (seed: light)
+    lora_rank: int = 0             # ViT: LoRA rank on attention + MLP projections (seed s.5.4 option); 0 = off
+    lora_alpha: float = 16.0
     patience: int = 0              # early stopping: epochs without a better validation accuracy (seed: 10)
 
     def override(self, **changes) -> 'Recipe':
