@@ -26,34 +26,48 @@ class Recipe:
     unfreeze_blocks: int = 0       # phase B trains the top N blocks (+ head); 0 = the whole backbone
     final_epochs: int = 0          # phase C (optional): everything unfrozen, LRs / final_lr_div
     final_lr_div: float = 10.0
-    # Opt-in for now (0 = off) so that runs made before they existed resume unchanged:
+    warmup_pct: float = 0.25       # share of each phase spent warming up (one-cycle: then cosine decay)
+    lr_base_bs: int = 0            # LRs are scaled by bs * accumulate / lr_base_bs (linear rule); 0 = as given
+    accumulate: int = 1            # gradient accumulation: optimizer step every `accumulate` batches
+    # Field defaults are "off": a run saved before a field existed resumes as it was trained. The seed's
+    # values are set in CNN and VIT below.
     ema_decay: float = 0.0         # weight EMA decay per optimizer step (0.999 suits ~100 steps per epoch)
     mixup: float = 0.0             # probability that a training batch gets MixUp
     cutmix: float = 0.0            # probability that a training batch gets CutMix (instead)
-    randaugment: int = 0           # RandAugment operations per training photo (seed: 2)
+    randaugment: int = 0           # RandAugment operations per training photo
     randaugment_magnitude: int = 9
-    color_jitter: float = 0.0      # brightness/contrast/saturation jitter (seed: 0.4)
-    random_erasing: float = 0.0    # probability that a batch gets one random rectangle erased (seed: light)
+    color_jitter: float = 0.0      # brightness/contrast/saturation jitter
+    random_erasing: float = 0.0    # probability that a batch gets one random rectangle erased
     lora_rank: int = 0             # ViT: LoRA rank on attention + MLP projections (seed s.5.4 option); 0 = off
     lora_alpha: float = 16.0
-    patience: int = 0              # early stopping: epochs without a better validation accuracy (seed: 10)
+    patience: int = 0              # early stopping: epochs without a better validation accuracy; 0 = off
+
+    @property
+    def lr_scale(self) -> float:
+        return self.bs * self.accumulate / self.lr_base_bs if self.lr_base_bs else 1.0
 
     def override(self, **changes) -> 'Recipe':
         known = {f.name for f in fields(self)}
         return replace(self, **{k: v for k, v in changes.items() if k in known and v is not None})
 
 
-# ConvNeXt V2 (seed s.4 and s.9): 224 px, batch 32, AdamW wd 0.05, head LR 1e-3, full fine-tune LR 2e-4,
-# label smoothing 0.1, drop path on. Phase A head only (option: + last stage), phase B everything, per-stage LLRD.
-CNN = Recipe(family='cnn', arch='convnextv2_tiny', pretrained_tag='fcmae_ft_in22k_in1k', size=224, bs=32,
-             epochs=30, freeze_epochs=3, lr=1e-3, backbone_lr_div=5.0, llrd=0.75, wd=0.05, label_smoothing=0.1,
-             drop_path=0.1)
+# The seed's regularisation (s.3.3, s.4.2, s.7): RandAugment + ColorJitter, light Random Erasing, MixUp or CutMix
+# on part of the batches, weight EMA, early stopping on validation accuracy (patience 10).
+SEED_REGULARISATION = dict(randaugment=2, randaugment_magnitude=9, color_jitter=0.4, random_erasing=0.25,
+                           mixup=0.3, cutmix=0.3, ema_decay=0.999, patience=10)
 
-# CLIP ViT-L/14 (seed s.5 and s.9): 224 px, batch 16, head LR 1e-3, backbone LR 1e-5, label smoothing 0.05,
-# LLRD 0.75 per transformer block. Stages: (1) linear probe, (2) the top `unfreeze_blocks` blocks (6: our choice,
-# the seed leaves N open), (3) optionally everything at a very low LR (`final_epochs`).
+# ConvNeXt V2 (seed s.4 and s.9): 224 px, batch 32, AdamW wd 0.05, head LR 1e-3, full fine-tune LR 2e-4, both
+# scaled linearly with the batch (base 32), warmup 20 % (6 of 30 epochs) then cosine, label smoothing 0.1, drop
+# path on. Phase A head only (option: + last stage), phase B everything, LR falling 0.75x per stage below the top.
+CNN = Recipe(family='cnn', arch='convnextv2_tiny', pretrained_tag='fcmae_ft_in22k_in1k', size=224, bs=32,
+             epochs=30, freeze_epochs=3, lr=1e-3, backbone_lr_div=5.0, wd=0.05, label_smoothing=0.1,
+             drop_path=0.1, warmup_pct=0.2, lr_base_bs=32, **SEED_REGULARISATION)
+
+# CLIP ViT-L/14 (seed s.5 and s.9): 224 px, batch 16 (x `accumulate`), head LR 1e-3, backbone LR 1e-5, warmup
+# 10 % then cosine, label smoothing 0.05, LLRD 0.75 per transformer block. Stages: (1) linear probe, (2) the top
+# `unfreeze_blocks` blocks (6: our choice, the seed leaves N open), (3) optionally everything at a very low LR.
 VIT = Recipe(family='vit', arch='ViT-L-14-quickgelu', pretrained_tag='openai', size=224, bs=16,
-             epochs=15, freeze_epochs=3, lr=1e-3, backbone_lr_div=100.0, llrd=0.75, wd=0.05, label_smoothing=0.05,
-             drop_path=0.0, unfreeze_blocks=6)
+             epochs=15, freeze_epochs=3, lr=1e-3, backbone_lr_div=100.0, wd=0.05, label_smoothing=0.05,
+             drop_path=0.0, unfreeze_blocks=6, warmup_pct=0.1, **SEED_REGULARISATION)
 
 RECIPES = {'cnn': CNN, 'vit': VIT}

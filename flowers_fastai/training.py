@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastai.vision.all import (Adam, ClassificationInterpretation, CrossEntropyLossFlat, CSVLogger, Callback,
-                               EarlyStoppingCallback,
+                               EarlyStoppingCallback, GradientAccumulation,
                                GradientClip, Learner, SaveModelCallback, accuracy, default_device, set_seed)
 
 from .architectures import ClipClassifier
@@ -116,9 +116,10 @@ def _phases(recipe: Recipe, pretrained, n_groups: int) -> list[dict]:
     everything, (C, optional) everything at LRs / `final_lr_div`. LRs fall by `llrd` per block from the top
     (layer-wise LR decay). `trainable`: how many groups from the top train (None: all). From scratch there is
     nothing to protect: one phase, everything at one LR."""
+    head_lr = recipe.lr * recipe.lr_scale
     if not pretrained:
-        return [dict(name='scratch', epochs=recipe.epochs, trainable=None, lr=recipe.lr)]
-    lrs = layerwise_lrs(n_groups, recipe.lr, recipe.lr / recipe.backbone_lr_div, recipe.llrd)
+        return [dict(name='scratch', epochs=recipe.epochs, trainable=None, lr=head_lr)]
+    lrs = layerwise_lrs(n_groups, head_lr, head_lr / recipe.backbone_lr_div, recipe.llrd)
     phases = [dict(name='frozen', epochs=recipe.freeze_epochs, trainable=1 + recipe.phase_a_blocks, lr=lrs),
               dict(name='partial' if recipe.unfreeze_blocks else 'full', epochs=recipe.epochs,
                    trainable=1 + recipe.unfreeze_blocks if recipe.unfreeze_blocks else None, lr=lrs),
@@ -209,7 +210,10 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
         cbs = [tracker, ResumableCheckpoint(state_path, i, tracker), HistoryCSV(phase['name']), *recipe_cbs]
         if recipe.patience:
             cbs.append(EarlyStopping(patience=recipe.patience))
-        learn.fit_one_cycle(phase['epochs'], phase['lr'], start_epoch=start_epoch, cbs=cbs)
+        if recipe.accumulate > 1:
+            cbs.append(GradientAccumulation(n_acc=recipe.bs * recipe.accumulate))
+        learn.fit_one_cycle(phase['epochs'], phase['lr'], pct_start=recipe.warmup_pct, start_epoch=start_epoch,
+                            cbs=cbs)
         state = {'phase': i + 1, 'epoch': -1, 'best': float(tracker.best)}
         state_path.write_text(json.dumps(state))
     if not (run_dir / 'models' / f'{BEST}.pth').exists():

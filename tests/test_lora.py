@@ -11,7 +11,7 @@ from flowers_fastai.lora import TARGETS, apply_lora, is_lora_parameter, merge_lo
 from flowers_fastai.preprocess import load_for_model
 from flowers_fastai.recipes import VIT
 
-from .test_training import _fastai_logits, colour_folder  # noqa: F401  (module-scoped fixture)
+from .test_training import PLAIN, _fastai_logits, colour_folder  # noqa: F401  (module-scoped fixture)
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_lora_training_keeps_the_tower_and_exports_a_merged_plain_file(colour_fo
     stand_in = tmp_path / 'open_clip_pytorch_model.bin'
     torch.save(clip.state_dict(), stand_in)
     recipe = VIT.override(arch=tiny_clip_name, size=32, bs=8, epochs=1, freeze_epochs=1, unfreeze_blocks=0,
-                          lora_rank=2, lr=1e-2, backbone_lr_div=1.0, valid_pct=0.25)
+                          lora_rank=2, lr=1e-2, backbone_lr_div=1.0, valid_pct=0.25, **PLAIN)
     learn = train(recipe, colour_folder, tmp_path / 'run', pretrained=stand_in)
     assert list(pd.read_csv(tmp_path / 'run' / 'history.csv').phase) == ['frozen', 'full']
     tower = dict(learn.model.visual.named_parameters())

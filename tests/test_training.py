@@ -38,7 +38,11 @@ def colour_folder(tmp_path_factory):
     return root
 
 
-TINY_CNN = CNN.override(arch='convnextv2_atto', size=32, bs=8, epochs=1, lr=3e-3, drop_path=0.0, valid_pct=0.25)
+# Tests of the training machinery run without the seed's regularisation (tested on its own), at the given LR.
+PLAIN = dict(randaugment=0, color_jitter=0.0, random_erasing=0.0, mixup=0.0, cutmix=0.0, ema_decay=0.0, patience=0,
+             lr_base_bs=0)
+TINY_CNN = CNN.override(arch='convnextv2_atto', size=32, bs=8, epochs=1, lr=1e-3, drop_path=0.0, valid_pct=0.25,
+                        **PLAIN)
 
 
 def test_cnn_run_learns_and_writes_its_reports(colour_folder, tmp_path):
@@ -158,7 +162,7 @@ def test_vit_stages_freeze_unfreeze_and_decay_lrs_per_block(colour_folder, tmp_p
     spy, make = StageSpy(), training.make_learner
     monkeypatch.setattr(training, 'make_learner', lambda *a, **k: make(*a, **k).add_cb(spy.callback()))
     recipe = VIT.override(arch=tiny_clip_name, size=32, bs=8, epochs=1, freeze_epochs=1, final_epochs=1,
-                          unfreeze_blocks=1, llrd=0.5, valid_pct=0.25)
+                          unfreeze_blocks=1, llrd=0.5, valid_pct=0.25, **PLAIN)
     learn = train(recipe, colour_folder, tmp_path / 'run', pretrained=stand_in)
     assert list(pd.read_csv(tmp_path / 'run' / 'history.csv').phase) == ['frozen', 'partial', 'final']
 
@@ -258,3 +262,36 @@ def test_lr_find_saves_its_plot_and_suggests_rates(colour_folder, tmp_path, caps
         assert 1e-7 < lr < 10
     assert (tmp_path / 'lr' / 'lr_find.png').stat().st_size > 1000
     assert not (tmp_path / 'lr' / 'models' / 'best.pth').exists()
+
+
+def test_recipes_hold_the_seeds_defaults():
+    from flowers_fastai.recipes import RECIPES
+    cnn, vit = RECIPES['cnn'], RECIPES['vit']
+    assert (cnn.arch, cnn.size, cnn.bs, cnn.lr, cnn.lr / cnn.backbone_lr_div, cnn.wd, cnn.label_smoothing) == \
+           ('convnextv2_tiny', 224, 32, 1e-3, 2e-4, 0.05, 0.1)
+    assert cnn.drop_path > 0 and 30 <= cnn.epochs <= 60 and 2 <= cnn.freeze_epochs <= 5 and cnn.lr_base_bs == 32
+    assert 5 <= cnn.warmup_pct * cnn.epochs <= 10                          # 5-10 warmup epochs
+    assert (vit.arch, vit.pretrained_tag, vit.size, vit.bs, vit.lr, vit.lr / vit.backbone_lr_div) == \
+           ('ViT-L-14-quickgelu', 'openai', 224, 16, 1e-3, 1e-5)
+    assert vit.label_smoothing == 0.05 and vit.llrd == 0.75 and 15 <= vit.epochs <= 40 and 0.05 <= vit.warmup_pct <= 0.1
+    for r in (cnn, vit):
+        assert r.ema_decay == 0.999 and r.patience == 10 and r.randaugment == 2 and r.color_jitter > 0
+        assert r.random_erasing > 0 and r.mixup > 0 and r.cutmix > 0 and r.mixup + r.cutmix <= 1
+
+
+def test_lr_scales_with_batch_warmup_and_accumulation_reach_fit_one_cycle(colour_folder, tmp_path, monkeypatch):
+    from fastai.callback.training import GradientAccumulation
+    from fastai.learner import Learner
+    calls, original = [], Learner.fit_one_cycle
+
+    def spy(self, n_epoch, lr_max=None, *args, **kwargs):
+        calls.append((lr_max, kwargs))
+        return original(self, n_epoch, lr_max, *args, **kwargs)
+    monkeypatch.setattr(Learner, 'fit_one_cycle', spy)
+    recipe = TINY_CNN.override(lr=1e-3, lr_base_bs=32, bs=8, accumulate=2, warmup_pct=0.2)
+    assert recipe.lr_scale == 0.5                                           # 8 x 2 photos per step / 32
+    train(recipe, colour_folder, tmp_path / 'run', pretrained=False)
+    (lr, kwargs), = calls
+    assert lr == pytest.approx(5e-4) and kwargs['pct_start'] == 0.2
+    acc = [cb for cb in kwargs['cbs'] if isinstance(cb, GradientAccumulation)]
+    assert len(acc) == 1 and acc[0].n_acc == 16
