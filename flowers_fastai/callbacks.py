@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from fastai.callback.mixup import CutMix, MixUp
+from fastai.torch_core import rank_distrib
 from fastai.vision.all import Callback, SaveModelCallback
 
 
@@ -76,7 +77,7 @@ class WeightEMA(Callback):
         if self._training_weights is not None:
             self.learn.model.load_state_dict(self._training_weights)
             self._training_weights = None
-        if self.state_path is not None:
+        if self.state_path is not None and not rank_distrib():
             torch.save({'ema': self.ema.module.state_dict(), 'steps': self.steps}, self.state_path)
 
     after_cancel_fit = after_epoch

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,6 +13,8 @@ import torch
 from fastai.vision.all import (Adam, ClassificationInterpretation, CrossEntropyLossFlat, CSVLogger, Callback,
                                EarlyStoppingCallback, GradientAccumulation,
                                GradientClip, Learner, SaveModelCallback, accuracy, default_device, set_seed)
+
+from fastai.torch_core import num_distrib, rank_distrib
 
 from .architectures import ClipClassifier
 from .audit import audit_items
@@ -65,7 +69,8 @@ class HistoryCSV(CSVLogger):
         self.phase = phase
 
     def before_fit(self):
-        if hasattr(self, 'gather_preds'):
+        if hasattr(self, 'gather_preds') or rank_distrib():   # one history, written by the main process
+            self.run = False
             return
         path = self.path / self.fname
         new = not path.exists() or path.stat().st_size == 0
@@ -92,7 +97,7 @@ class ResumableCheckpoint(Callback):
         self.state_path, self.phase_index, self.tracker = state_path, phase_index, tracker
 
     def after_epoch(self):
-        if _skipped(self.learn):
+        if _skipped(self.learn) or rank_distrib():
             return
         self.learn.save(LAST, with_opt=True)
         self.state_path.write_text(json.dumps(
@@ -185,7 +190,8 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
     run_dir.mkdir(parents=True, exist_ok=True)
     learn, config = prepare_learner(recipe, data_dir, run_dir, pretrained=False if resume else pretrained,
                                     split=split, num_workers=num_workers, limit_items=limit_items)
-    if not resume:
+    main_process = rank_distrib() == 0   # under `accelerate launch`, only the main process writes files
+    if not resume and main_process:
         (run_dir / 'config.json').write_text(json.dumps(config, indent=2))
 
     state = json.loads(state_path.read_text()) if resume else {'phase': 0, 'epoch': -1, 'best': None}
@@ -196,6 +202,71 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
     if recipe.mixup or recipe.cutmix:
         recipe_cbs.append(MixUpCutMix(p_mixup=recipe.mixup, p_cutmix=recipe.cutmix))
     started = time.time()
+    with _data_parallel(learn):
+        _fit_phases(learn, recipe, pretrained, state, state_path, tracker, recipe_cbs, resume)
+    if not (run_dir / 'models' / f'{BEST}.pth').exists():
+        raise RuntimeError('no epoch was trained: nothing to report')
+    learn.load(BEST, with_opt=False)   # in every process: fastai's load waits at a distributed barrier
+    if main_process:
+        with _this_process_only():
+            report_run(learn, run_dir, seconds=time.time() - started)
+    return learn
+
+
+@contextmanager
+def _this_process_only():
+    """After data-parallel training the main process reports alone: fastai gathers predictions across
+    processes whenever WORLD_SIZE > 1, and the other processes have finished."""
+    world_size = os.environ.get('WORLD_SIZE')
+    os.environ['WORLD_SIZE'] = '1'
+    try:
+        yield
+    finally:
+        if world_size is None:
+            del os.environ['WORLD_SIZE']
+        else:
+            os.environ['WORLD_SIZE'] = world_size
+
+
+@contextmanager
+def _data_parallel(learn: Learner):
+    """Under `accelerate launch` (WORLD_SIZE > 1): data-parallel training through fastai.distributed, like
+    `learn.distrib_ctx()`, with two changes so that it also runs on CPU processes (gloo), where it is tested:
+    fastai's DistributedTrainer reads the wrapped model's `.device`, which DistributedDataParallel has on GPUs
+    only, and its DistributedDL broadcasts the batch order as a CUDA tensor (what NCCL needs, gloo refuses)."""
+    if num_distrib() <= 1:
+        yield learn
+        return
+    import torch.distributed as dist
+    from fastai.callback.progress import ProgressCallback
+    from fastai.distributed import DistributedDL, DistributedTrainer
+
+    class DataLoader(DistributedDL):
+        def _broadcast(self, t, rank):
+            if dist.get_backend() == 'nccl':
+                return super()._broadcast(t, rank)
+            t = torch.tensor(t, dtype=torch.long)
+            dist.broadcast(t, rank)
+            return t.tolist()
+
+    class Trainer(DistributedTrainer):
+        def _wrap_dl(self, dl):
+            return dl if isinstance(dl, DistributedDL) else DataLoader(dl, device=self.learn.dls.device)
+    learn.add_cb(Trainer(sync_bn=False, cpu=learn.dls.device.type == 'cpu'))  # cpu: gloo process group
+    if not rank_distrib():
+        print(f'Data-parallel training over {num_distrib()} processes ({learn.dls.device.type})')
+    if rank_distrib():
+        learn.remove_cb(ProgressCallback)
+    try:
+        yield learn
+    finally:
+        learn.remove_cb(Trainer)
+        if rank_distrib():
+            learn.add_cb(ProgressCallback())
+
+
+def _fit_phases(learn, recipe, pretrained, state, state_path, tracker, recipe_cbs, resume):
+    """Each phase of `_phases` as one `fit_one_cycle`, from where `state` says the run stands."""
     for i, phase in enumerate(_phases(recipe, pretrained, len(learn.splitter(learn.model)))):
         if i < state['phase']:
             continue
@@ -214,13 +285,8 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
             cbs.append(GradientAccumulation(n_acc=recipe.bs * recipe.accumulate))
         learn.fit_one_cycle(phase['epochs'], phase['lr'], pct_start=recipe.warmup_pct, start_epoch=start_epoch,
                             cbs=cbs)
-        state = {'phase': i + 1, 'epoch': -1, 'best': float(tracker.best)}
-        state_path.write_text(json.dumps(state))
-    if not (run_dir / 'models' / f'{BEST}.pth').exists():
-        raise RuntimeError('no epoch was trained: nothing to report')
-    learn.load(BEST, with_opt=False)
-    report_run(learn, run_dir, seconds=time.time() - started)
-    return learn
+        if not rank_distrib():
+            state_path.write_text(json.dumps({'phase': i + 1, 'epoch': -1, 'best': float(tracker.best)}))
 
 
 def find_lr(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained: bool | str | Path = True,

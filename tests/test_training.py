@@ -3,6 +3,7 @@ exactly what the fastai learner predicts."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -295,3 +296,25 @@ def test_lr_scales_with_batch_warmup_and_accumulation_reach_fit_one_cycle(colour
     assert lr == pytest.approx(5e-4) and kwargs['pct_start'] == 0.2
     acc = [cb for cb in kwargs['cbs'] if isinstance(cb, GradientAccumulation)]
     assert len(acc) == 1 and acc[0].n_acc == 16
+
+
+def test_accelerate_launch_trains_data_parallel_on_two_cpu_processes(colour_folder, tmp_path):
+    import shutil
+    launcher = shutil.which('accelerate', path=str(REPO / '.venv' / 'bin')) or shutil.which('accelerate')
+    if launcher is None:
+        pytest.skip('accelerate is not installed')
+    cmd = [launcher, 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1', '--mixed_precision', 'no',
+           '--dynamo_backend', 'no', 'train.py', 'cnn', '--data', str(colour_folder), '--runs', str(tmp_path),
+           '--name', 'ddp', '--arch', 'convnextv2_atto', '--size', '32', '--bs', '8', '--epochs', '2',
+           '--no-pretrained', '--valid-pct', '0.25']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert 'Data-parallel training over 2 processes (cpu)' in log
+    assert '[0/3 ' in log          # 45 training photos, batch 8: 5 batches, shared by two processes (3 each)
+    history = pd.read_csv(tmp_path / 'ddp' / 'history.csv')
+    assert list(history.epoch) == [0, 1]                                   # one history, from the main process
+    metrics = json.loads((tmp_path / 'ddp' / 'metrics.json').read_text())
+    assert metrics['n_valid'] == 15                                        # the exact validation set, no padding
+    assert load_cnn_model(export_run(tmp_path / 'ddp', tmp_path / 'cnn.pth'))
