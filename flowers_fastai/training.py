@@ -1,4 +1,5 @@
-"""Training glue: a run folder, a fastai Learner, the two fine-tuning phases, resume, and the run's reports."""
+"""Training glue: a run folder, a fastai Learner, the fine-tuning phases, resume, data-parallel training, and the
+run's reports."""
 from __future__ import annotations
 
 import json
@@ -10,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.vision.all import (Adam, ClassificationInterpretation, CrossEntropyLossFlat, CSVLogger, Callback,
-                               EarlyStoppingCallback, GradientAccumulation,
-                               GradientClip, Learner, SaveModelCallback, accuracy, default_device, set_seed)
-
 from fastai.torch_core import num_distrib, rank_distrib
+from fastai.vision.all import (Adam, Callback, ClassificationInterpretation, CrossEntropyLossFlat, CSVLogger,
+                               EarlyStoppingCallback, GradientAccumulation, GradientClip, Learner, SaveModelCallback,
+                               accuracy, default_device, set_seed)
 
 from .architectures import ClipClassifier
 from .audit import audit_items
