@@ -50,7 +50,8 @@ def test_lora_training_keeps_the_tower_and_exports_a_merged_plain_file(colour_fo
     stand_in = tmp_path / 'open_clip_pytorch_model.bin'
     torch.save(clip.state_dict(), stand_in)
     recipe = VIT.override(arch=tiny_clip_name, size=32, bs=8, epochs=1, freeze_epochs=1, unfreeze_blocks=0,
-                          lora_rank=2, lr=1e-2, backbone_lr_div=1.0, valid_pct=0.25, **{**PLAIN, "ema_decay": 0.9})  # EMA of a LoRA model too
+                          lora_rank=2, lr=1e-2, backbone_lr_div=1.0, valid_pct=0.25, **PLAIN)
+    recipe = recipe.override(ema_decay=0.9)   # the EMA of a LoRA model is what gets exported
     learn = train(recipe, colour_folder, tmp_path / 'run', pretrained=stand_in)
     assert list(pd.read_csv(tmp_path / 'run' / 'history.csv').phase) == ['frozen', 'full']
     tower = dict(learn.model.visual.named_parameters())
