@@ -1,4 +1,5 @@
-"""The data: scanning a folder of class folders, a stratified seeded split, and the fastai DataBlock."""
+"""The data: scanning a folder of class folders, stratified seeded splits (grouped by duplicates, see audit.py),
+training augmentation, and the fastai DataBlock."""
 from __future__ import annotations
 
 import warnings
@@ -9,14 +10,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, ImageBlock, Normalize, PILImage, RandomErasing,
-                               RandomResizedCrop,
-                               Transform, aug_transforms)
+                               RandomResizedCrop, Transform, aug_transforms)
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from .data_files import IMAGE_EXTENSIONS
 from .labels import CLASSES, normalize_class_name
 from .preprocess import Preprocessing, open_image, resize_center_crop
-
 
 
 class DatasetError(ValueError):
