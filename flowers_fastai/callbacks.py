@@ -26,18 +26,21 @@ class MixUpCutMix(MixUp):
         self.p_mixup, self.p_cutmix = p_mixup, p_cutmix
         self.last = None  # 'mixup', 'cutmix' or 'none': what the last batch got
 
-    def before_batch(self):
-        draw = random.random()
+    def choose(self, draw: float) -> str:
+        """The treatment of a batch for a uniform draw in [0, 1)."""
         if draw < self.p_mixup:
-            self.last = 'mixup'
+            return 'mixup'
+        return 'cutmix' if draw < self.p_mixup + self.p_cutmix else 'none'
+
+    def before_batch(self):
+        self.last = self.choose(random.random())
+        if self.last == 'mixup':
             super().before_batch()
-        elif draw < self.p_mixup + self.p_cutmix:
-            self.last = 'cutmix'
+        elif self.last == 'cutmix':
             self.cutmix.learn, self.cutmix.stack_y = self.learn, self.stack_y
             self.cutmix.before_batch()
             self.lam, self.yb1 = self.cutmix.lam, self.cutmix.yb1
         else:
-            self.last = 'none'
             self.lam, self.yb1 = torch.ones((), device=self.x.device), self.yb  # lerp(., loss, 1) = loss
 
 

@@ -28,15 +28,15 @@ def run_config(run_dir: Path) -> dict:
 
 def latest_run(runs_dir: Path, family: str) -> Path | None:
     """The most recently finished run or seeds experiment of `family` under `runs_dir`."""
-    finished = {p: p.stat().st_mtime for pattern in ('*/metrics.json', '*/summary.json')
+    finished = {p.parent: p.stat().st_mtime for pattern in ('*/metrics.json', '*/summary.json')
                 for p in Path(runs_dir).glob(pattern)}
-    finished = {p.parent: t for p, t in sorted(finished.items(), key=lambda item: item[1])
-                if run_config(p.parent)['recipe']['family'] == family}
+    finished = {run: t for run, t in finished.items() if run_config(run)['recipe']['family'] == family}
     return max(finished, key=finished.get, default=None)
 
 
 def export_run(run_dir: str | Path, out: str | Path, half: bool = False) -> Path:
-    """Write `run_dir`'s models/best.pth (a seeds experiment: its best seed's) as a raw state_dict at `out` (fp16 with `half`), plus `out`.json.
+    """Write `run_dir`'s models/best.pth (a seeds experiment: its best seed's) as a raw state_dict at `out`
+    (fp16 with `half`), plus `out`.json.
 
     The weights are first loaded into the network `submit` builds, every key checked, so that an export
     that `submit` could not load fails here and not on the user's machine.

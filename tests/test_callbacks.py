@@ -47,13 +47,14 @@ def smoothed_ce(pred, y, eps=0.1):
 
 def test_mixup_cutmix_draws_each_kind_with_its_probability():
     mix = MixUpCutMix(p_mixup=0.3, p_cutmix=0.2)
+    assert [mix.choose(d) for d in (0.0, 0.299, 0.3, 0.499, 0.5, 0.999)] == \
+           ['mixup', 'mixup', 'cutmix', 'cutmix', 'none', 'none']
     random.seed(0)
-    draws = [random.random() for _ in range(4000)]
-    kinds = ['mixup' if d < 0.3 else 'cutmix' if d < 0.5 else 'none' for d in draws]
+    kinds = [mix.choose(random.random()) for _ in range(4000)]
     assert abs(kinds.count('mixup') / 4000 - 0.3) < 0.03 and abs(kinds.count('cutmix') / 4000 - 0.2) < 0.03
+    assert MixUpCutMix(p_mixup=0.0, p_cutmix=0.0).choose(0.0) == 'none'
     with pytest.raises(ValueError):
         MixUpCutMix(p_mixup=0.7, p_cutmix=0.5)
-    assert mix.p_mixup == 0.3 and mix.p_cutmix == 0.2
 
 
 @pytest.mark.parametrize('p_mixup, p_cutmix, kind', [(1.0, 0.0, 'mixup'), (0.0, 1.0, 'cutmix'), (0.0, 0.0, 'none')])
