@@ -114,9 +114,10 @@ def test_ema_weights_are_validated_saved_and_loaded_at_the_end(tmp_path):
     assert ema.steps == 6 and (tmp_path / 'ema.pth').is_file()
 
 
-def test_ema_decay_warms_up_and_is_capped():
-    from timm.utils.model_ema import ModelEmaV3
-    ema = ModelEmaV3(nn.Linear(2, 2), decay=0.999, use_warmup=True)
-    decays = [ema.get_decay(step) for step in (1, 2, 10, 100, 10_000, 1_000_000)]
+def test_ema_default_decay_warms_up_and_is_capped(tmp_path):
+    ema = WeightEMA()                       # the defaults the recipes use
+    ema.learn = tiny_learner(tmp_path)
+    ema.before_fit()
+    decays = [ema.ema.get_decay(step) for step in (1, 2, 10, 100, 10_000, 1_000_000)]
     assert decays[0] == 0.0 and decays == sorted(decays) and decays[-1] == 0.999
     assert decays[3] < 0.97   # after 100 steps (~1 epoch) the average still follows the weights
