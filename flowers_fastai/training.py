@@ -19,7 +19,7 @@ from fastai.vision.all import (Adam, Callback, ClassificationInterpretation, Cro
 from .architectures import ClipClassifier
 from .audit import audit_items
 from .callbacks import MixUpCutMix, WeightEMA
-from .data import flower_dataloaders, scan_image_folder
+from .data import flower_dataloaders, scan_image_folder, stratified_split
 from .labels import CLASSES
 from .models import SPLITTERS, create_model, layerwise_lrs
 from .preprocess import cnn_preprocessing, vit_preprocessing
@@ -330,7 +330,6 @@ def report_run(learn: Learner, run_dir: Path, seconds: float | None = None) -> d
 
 def _stratified_subset(items, n, seed):
     """A small class-balanced subset (for smoke tests and quick trials)."""
-    from .data import stratified_split
     if n >= len(items):
         return items
     _, keep = stratified_split([label for _, label in items], valid_pct=n / len(items), seed=seed)
