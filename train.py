@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt('--llrd', 'llrd', float, 'layer-wise LR decay: LR ratio of each backbone block to the block above it')
     opt('--phase-a-blocks', 'phase_a_blocks', int, 'top backbone blocks/stages trained with the head in phase A')
     opt('--unfreeze-blocks', 'unfreeze_blocks', int, 'top blocks trained in phase B (0 = the whole backbone)')
-    opt('--final-epochs', 'final_epochs', int, 'phase C epochs: everything unfrozen at LR / --final-lr-div')
+    opt('--final-epochs', 'final_epochs', int, 'phase C epochs: everything unfrozen at LR / --final-lr-div (with --lora-rank: LoRA merged first, the light full fine-tune)')
     opt('--final-lr-div', 'final_lr_div', float, 'LR divisor of phase C')
     opt('--warmup-pct', 'warmup_pct', float, 'share of each phase spent warming up before the cosine decay')
     opt('--lr-base-bs', 'lr_base_bs', int, 'LRs are scaled by bs x accumulate / this (linear rule); 0 = no scaling')

@@ -9,6 +9,8 @@ from fastai.callback.mixup import CutMix, MixUp
 from fastai.torch_core import rank_distrib
 from fastai.vision.all import Callback, SaveModelCallback
 
+from .lora import has_lora, merge_lora_state
+
 
 class MixUpCutMix(MixUp):
     """Per training batch, one of: MixUp (probability `p_mixup`), CutMix (`p_cutmix`), or the batch as it is.
@@ -54,18 +56,30 @@ class WeightEMA(Callback):
     """
     order = SaveModelCallback.order + 5   # after_epoch: after the best/last checkpoints were written
 
-    def __init__(self, decay: float = 0.999, warmup: bool = True, state_path: Path | None = None):
-        self.decay, self.warmup, self.state_path = decay, warmup, state_path
+    def __init__(self, decay: float = 0.999, warmup: bool = True, state_path: Path | None = None,
+                 lora_alpha: float = 16.0):
+        self.decay, self.warmup, self.state_path, self.lora_alpha = decay, warmup, state_path, lora_alpha
         self.ema, self.steps, self._training_weights = None, 0, None
 
     def before_fit(self):
-        if self.ema is None:   # one average across phases and resumes
-            from timm.utils.model_ema import ModelEmaV3
-            self.ema = ModelEmaV3(self.learn.model, decay=self.decay, use_warmup=self.warmup)
+        # One average across phases and resumes. When the model's LoRA updates were merged into its weights
+        # (the light full fine-tune), the average is merged the same way and goes on over the merged weights.
+        if self.ema is not None and has_lora(self.ema.module) and not has_lora(self.learn.model):
+            self._start(self.ema.module.state_dict())
+        elif self.ema is None:
+            saved = None
             if self.state_path is not None and Path(self.state_path).is_file():
                 saved = torch.load(self.state_path, map_location='cpu', weights_only=True)
-                self.ema.module.load_state_dict(saved['ema'])
                 self.steps = int(saved['steps'])
+            self._start(saved['ema'] if saved else None)
+
+    def _start(self, state: dict | None):
+        from timm.utils.model_ema import ModelEmaV3
+        self.ema = ModelEmaV3(self.learn.model, decay=self.decay, use_warmup=self.warmup)
+        if state is not None:
+            if has_lora(state) and not has_lora(self.learn.model):
+                state = merge_lora_state(state, self.lora_alpha)
+            self.ema.module.load_state_dict(state)
 
     def after_step(self):
         self.steps += 1

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .architectures import ClipClassifier, ClipTowerSpec, build_cnn, load_exactly
-from .lora import apply_lora, merge_lora
+from .lora import apply_lora, has_lora, merge_lora
 
 FAMILIES = ('cnn', 'vit')
 
@@ -58,7 +58,7 @@ def export_run(run_dir: str | Path, out: str | Path, half: bool = False) -> Path
         spec = ClipTowerSpec(**config['clip_spec'])
         model = ClipClassifier(spec)
         key_order = list(model.state_dict())
-        if recipe.get('lora_rank'):  # the checkpoint holds LoRA updates: load them, then fold them in
+        if has_lora(state):  # LoRA updates (a best epoch before any light full fine-tune): load, then fold in
             apply_lora(model.visual, recipe['lora_rank'], recipe.get('lora_alpha', 16.0))
         sidecar = {'family': 'vit', 'arch': spec.name, 'quick_gelu': spec.quick_gelu, 'head_width': spec.head_width}
     load_exactly(model, state, str(best))

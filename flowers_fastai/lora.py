@@ -51,6 +51,29 @@ def is_lora_parameter(name: str) -> bool:
     return '.parametrizations.' in name and name.rsplit('.', 1)[-1] in ('A', 'B')
 
 
+def has_lora(keys) -> bool:
+    """True if a model (its parameter names) or a state_dict (its keys) carries LoRA updates."""
+    names = [name for name, _ in keys.named_parameters()] if isinstance(keys, nn.Module) else list(keys)
+    return any(is_lora_parameter(name) for name in names)
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """The state_dict of a LoRA-adapted model -> that of the merged model, without building it: for checkpoints
+    saved before `merge_lora` (a run whose last phase trains the merged weights resumes from, and keeps its
+    best epoch in, either form). Same arithmetic as `LoRAUpdate`; the rank is read off A."""
+    merged = {}
+    for key, value in state.items():
+        if '.parametrizations.' not in key:
+            merged[key] = value
+            continue
+        prefix, rest = key.split('.parametrizations.')
+        name, leaf = rest.split('.', 1)
+        if leaf == 'original':    # '<name>.0.A' and '<name>.0.B' are folded in here
+            A, B = state[f'{prefix}.parametrizations.{name}.0.A'], state[f'{prefix}.parametrizations.{name}.0.B']
+            merged[f'{prefix}.{name}'] = value + (B @ A).to(value.dtype) * (alpha / A.shape[0])
+    return merged
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its weight (in place): the model becomes plain again, same outputs."""
     for module in list(model.modules()):

@@ -21,6 +21,7 @@ from .audit import audit_items
 from .callbacks import MixUpCutMix, WeightEMA
 from .data import flower_dataloaders, scan_image_folder, stratified_split
 from .labels import CLASSES
+from .lora import has_lora, merge_lora, merge_lora_state
 from .models import SPLITTERS, create_model, layerwise_lrs
 from .preprocess import cnn_preprocessing, vit_preprocessing
 from .recipes import Recipe
@@ -115,21 +116,47 @@ def make_learner(recipe: Recipe, dls, model, run_dir: Path) -> Learner:
     return learn
 
 
-def _phases(recipe: Recipe, pretrained, n_groups: int) -> list[dict]:
+def _phases(recipe: Recipe, pretrained) -> list[dict]:
     """fastai's `fine_tune` as explicit phases over the splitter's groups (bottom ... top block, head):
     (A) the head (+ `phase_a_blocks` top blocks) with the rest frozen, (B) the top `unfreeze_blocks` blocks or
-    everything, (C, optional) everything at LRs / `final_lr_div`. LRs fall by `llrd` per block from the top
-    (layer-wise LR decay). `trainable`: how many groups from the top train (None: all). From scratch there is
-    nothing to protect: one phase, everything at one LR."""
-    head_lr = recipe.lr * recipe.lr_scale
+    everything, (C, optional) everything at LRs / `final_lr_div`; with LoRA, phase C is the seed's "light full
+    fine-tune": the updates are merged into the weights, which all train from there. LRs fall by `llrd` per
+    block from the top (layer-wise LR decay, see `_phase_lrs`). `trainable`: how many groups from the top train
+    (None: all). From scratch there is nothing to protect: one phase, everything at one LR."""
     if not pretrained:
-        return [dict(name='scratch', epochs=recipe.epochs, trainable=None, lr=head_lr)]
-    lrs = layerwise_lrs(n_groups, head_lr, head_lr / recipe.backbone_lr_div, recipe.llrd)
-    phases = [dict(name='frozen', epochs=recipe.freeze_epochs, trainable=1 + recipe.phase_a_blocks, lr=lrs),
+        return [dict(name='scratch', epochs=recipe.epochs, trainable=None, lr_div=None)]
+    phases = [dict(name='frozen', epochs=recipe.freeze_epochs, trainable=1 + recipe.phase_a_blocks, lr_div=1.0),
               dict(name='partial' if recipe.unfreeze_blocks else 'full', epochs=recipe.epochs,
-                   trainable=1 + recipe.unfreeze_blocks if recipe.unfreeze_blocks else None, lr=lrs),
-              dict(name='final', epochs=recipe.final_epochs, trainable=None, lr=lrs / recipe.final_lr_div)]
+                   trainable=1 + recipe.unfreeze_blocks if recipe.unfreeze_blocks else None, lr_div=1.0),
+              dict(name='final', epochs=recipe.final_epochs, trainable=None, lr_div=recipe.final_lr_div,
+                   merge_lora=bool(recipe.lora_rank))]
     return [phase for phase in phases if phase['epochs']]
+
+
+def _phase_lrs(learn: Learner, recipe: Recipe, phase: dict):
+    """The phase's LR per parameter group of the model as it is now (merging LoRA adds the embedding group)."""
+    head_lr = recipe.lr * recipe.lr_scale
+    if phase['lr_div'] is None:
+        return head_lr
+    n_groups = len(learn.splitter(learn.model))
+    return layerwise_lrs(n_groups, head_lr, head_lr / recipe.backbone_lr_div, recipe.llrd) / phase['lr_div']
+
+
+def _load_checkpoint(learn: Learner, name: str, recipe: Recipe, with_opt: bool) -> None:
+    """fastai's `learn.load`, also across a LoRA merge: a merged checkpoint (saved during the light full
+    fine-tune) makes a LoRA model merge first; a LoRA checkpoint for a merged model (a best epoch from before
+    the merge) is merged on the fly, without optimizer state, which belonged to the LoRA updates."""
+    if recipe.lora_rank:
+        saved = torch.load(learn.path / learn.model_dir / f'{name}.pth', map_location='cpu',
+                           weights_only=False)   # our own checkpoint: fastai pickles its optimizer state with L
+        state = saved.get('model', saved)
+        if has_lora(learn.model) and not has_lora(state):
+            merge_lora(learn.model)
+            learn.opt = None   # fastai's load builds it again, over the merged weights
+        elif has_lora(state) and not has_lora(learn.model):
+            learn.model.load_state_dict(merge_lora_state(state, recipe.lora_alpha))
+            return
+    learn.load(name, with_opt=with_opt)
 
 
 def _set_trainable(learn: Learner, trainable: int | None) -> None:
@@ -198,7 +225,8 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
     tracker = BestCheckpoint(best=state['best'])
     recipe_cbs = []   # one instance for all phases: the EMA averages across them
     if recipe.ema_decay:
-        recipe_cbs.append(WeightEMA(recipe.ema_decay, state_path=run_dir / 'models' / 'ema_last.pth'))
+        recipe_cbs.append(WeightEMA(recipe.ema_decay, state_path=run_dir / 'models' / 'ema_last.pth',
+                                    lora_alpha=recipe.lora_alpha))
     if recipe.mixup or recipe.cutmix:
         recipe_cbs.append(MixUpCutMix(p_mixup=recipe.mixup, p_cutmix=recipe.cutmix))
     started = time.time()
@@ -206,7 +234,7 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
         _fit_phases(learn, recipe, pretrained, state, state_path, tracker, recipe_cbs, resume)
     if not (run_dir / 'models' / f'{BEST}.pth').exists():
         raise RuntimeError('no epoch was trained: nothing to report')
-    learn.load(BEST, with_opt=False)   # in every process: fastai's load waits at a distributed barrier
+    _load_checkpoint(learn, BEST, recipe, with_opt=False)   # every process: fastai's load is a barrier
     if main_process:
         with _this_process_only():
             report_run(learn, run_dir, seconds=time.time() - started)
@@ -267,24 +295,27 @@ def _data_parallel(learn: Learner):
 
 def _fit_phases(learn, recipe, pretrained, state, state_path, tracker, recipe_cbs, resume):
     """Each phase of `_phases` as one `fit_one_cycle`, from where `state` says the run stands."""
-    for i, phase in enumerate(_phases(recipe, pretrained, len(learn.splitter(learn.model)))):
+    for i, phase in enumerate(_phases(recipe, pretrained)):
         if i < state['phase']:
             continue
-        _set_trainable(learn, phase['trainable'])
         start_epoch = 0
         if resume and i == state['phase']:
-            learn.load(LAST, with_opt=True)
+            _load_checkpoint(learn, LAST, recipe, with_opt=True)
             start_epoch = state['epoch'] + 1
             if start_epoch >= phase['epochs']:
                 continue
             print(f'Resuming phase {phase["name"]} at epoch {start_epoch}')
+        if phase.get('merge_lora') and has_lora(learn.model):
+            merge_lora(learn.model)   # the EMA follows in WeightEMA.before_fit
+            learn.opt = None          # a new optimizer over the merged weights
+        _set_trainable(learn, phase['trainable'])
         cbs = [tracker, ResumableCheckpoint(state_path, i, tracker), HistoryCSV(phase['name']), *recipe_cbs]
         if recipe.patience:
             cbs.append(EarlyStopping(patience=recipe.patience))
         if recipe.accumulate > 1:
             cbs.append(GradientAccumulation(n_acc=recipe.bs * recipe.accumulate))
-        learn.fit_one_cycle(phase['epochs'], phase['lr'], pct_start=recipe.warmup_pct, start_epoch=start_epoch,
-                            cbs=cbs)
+        learn.fit_one_cycle(phase['epochs'], _phase_lrs(learn, recipe, phase), pct_start=recipe.warmup_pct,
+                            start_epoch=start_epoch, cbs=cbs)
         if not rank_distrib():
             state_path.write_text(json.dumps({'phase': i + 1, 'epoch': -1, 'best': float(tracker.best)}))
 
@@ -300,7 +331,7 @@ def find_lr(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretraine
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     learn, _ = prepare_learner(recipe, data_dir, run_dir, pretrained, split, num_workers, limit_items)
-    _set_trainable(learn, _phases(recipe, pretrained, len(learn.splitter(learn.model)))[0]['trainable'])
+    _set_trainable(learn, _phases(recipe, pretrained)[0]['trainable'])
     suggestions = learn.lr_find(suggest_funcs=(minimum, steep, valley, slide), show_plot=True)
     plt.savefig(run_dir / 'lr_find.png', dpi=100, bbox_inches='tight')
     plt.close('all')

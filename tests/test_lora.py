@@ -68,3 +68,95 @@ def test_lora_training_keeps_the_tower_and_exports_a_merged_plain_file(colour_fo
     photo = next(iter(colour_folder.glob('tulip/*.jpg')))
     torch.testing.assert_close(model(load_for_model(photo, model.flowers_preprocessing))[0],
                                _fastai_logits(learn, [photo])[0], atol=1e-5, rtol=0)
+
+
+def test_merging_a_lora_checkpoint_without_its_model_gives_the_merged_models_weights(tiny_model):
+    from flowers_fastai.lora import has_lora, merge_lora_state
+    apply_lora(tiny_model.visual, rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in tiny_model.named_parameters():
+            if is_lora_parameter(name):
+                p.normal_(0, 0.2)
+    state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    assert has_lora(state) and has_lora(tiny_model)
+    merged = merge_lora_state(state, alpha=8)
+    expected = merge_lora(tiny_model).state_dict()
+    assert not has_lora(merged) and sorted(merged) == sorted(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(merged[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+def _lora_then_full_recipe(tiny_clip_name, **changes):
+    return VIT.override(arch=tiny_clip_name, size=32, bs=8, epochs=1, freeze_epochs=1, final_epochs=1,
+                        unfreeze_blocks=0, lora_rank=2, lr=1e-2, backbone_lr_div=1.0, valid_pct=0.25,
+                        **PLAIN).override(ema_decay=0.9, **changes)
+
+
+def _stand_in_clip(tiny_clip_name, tmp_path):
+    import open_clip
+    torch.manual_seed(0)
+    clip = open_clip.create_model(tiny_clip_name, pretrained=None)
+    stand_in = tmp_path / 'open_clip_pytorch_model.bin'
+    torch.save(clip.state_dict(), stand_in)
+    return clip, stand_in
+
+
+def test_lora_then_light_full_fine_tune_merges_trains_every_weight_and_exports(colour_folder, tmp_path,  # noqa: F811
+                                                                                tiny_clip_name, monkeypatch):
+    from flowers_fastai import training
+    from flowers_fastai.exporting import export_run
+    from flowers_fastai.lora import has_lora
+    from flowers_fastai.submit import load_vit_model
+
+    from .test_training import StageSpy
+    clip, stand_in = _stand_in_clip(tiny_clip_name, tmp_path)
+    spy, make = StageSpy(), training.make_learner
+    monkeypatch.setattr(training, 'make_learner', lambda *a, **k: make(*a, **k).add_cb(spy.callback()))
+    learn = training.train(_lora_then_full_recipe(tiny_clip_name), colour_folder, tmp_path / 'run', pretrained=stand_in)
+    assert list(pd.read_csv(tmp_path / 'run' / 'history.csv').phase) == ['frozen', 'full', 'final']
+
+    probe, lora, final = spy.phases
+    n_blocks = len(clip.visual.transformer.resblocks)
+    assert len(lora['trains']) == n_blocks + 1 and all(lora['trains'])  # LoRA: only each block's updates + head
+    assert len(final['trains']) == n_blocks + 2 and all(final['trains'])  # merged: the embeddings group is back
+    assert not has_lora(learn.model)
+    # weights LoRA never touches (patch embedding, layer norms) moved in the light full fine-tune
+    tower = learn.model.visual.state_dict()
+    assert not torch.equal(tower['conv1.weight'], clip.visual.state_dict()['conv1.weight'])
+    ema = torch.load(tmp_path / 'run' / 'models' / 'ema_last.pth', map_location='cpu', weights_only=True)
+    assert not has_lora(ema['ema']) and sorted(ema['ema']) == sorted(learn.model.state_dict())
+
+    out = export_run(tmp_path / 'run', tmp_path / 'vit_flowers.pth')
+    model = load_vit_model(out)
+    photo = next(iter(colour_folder.glob('daisy/*.jpg')))
+    torch.testing.assert_close(model(load_for_model(photo, model.flowers_preprocessing))[0],
+                               _fastai_logits(learn, [photo])[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('crash_at', [(1, 0), (2, 0)], ids=['end-of-lora-phase', 'inside-full-fine-tune'])
+def test_lora_run_resumes_across_the_merge(colour_folder, tmp_path, tiny_clip_name, monkeypatch, crash_at):  # noqa: F811
+    from flowers_fastai.exporting import export_run
+    from flowers_fastai.lora import has_lora
+    from flowers_fastai.submit import load_vit_model
+    from flowers_fastai.training import ResumableCheckpoint, train
+    _, stand_in = _stand_in_clip(tiny_clip_name, tmp_path)
+    recipe = _lora_then_full_recipe(tiny_clip_name, final_epochs=2)
+    original = ResumableCheckpoint.after_epoch
+
+    def crash(self):
+        original(self)
+        if (self.phase_index, self.epoch) == crash_at:
+            raise KeyboardInterrupt('simulated interruption')
+    monkeypatch.setattr(ResumableCheckpoint, 'after_epoch', crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, colour_folder, tmp_path / 'run', pretrained=stand_in)
+    monkeypatch.setattr(ResumableCheckpoint, 'after_epoch', original)
+
+    learn = train(recipe, colour_folder, tmp_path / 'run', pretrained=stand_in, resume=True)
+    history = pd.read_csv(tmp_path / 'run' / 'history.csv')
+    assert list(zip(history.phase, history.epoch)) == [('frozen', 0), ('full', 0), ('final', 0), ('final', 1)]
+    assert not has_lora(learn.model)
+    model = load_vit_model(export_run(tmp_path / 'run', tmp_path / 'vit_flowers.pth'))
+    photo = next(iter(colour_folder.glob('rose/*.jpg')))
+    torch.testing.assert_close(model(load_for_model(photo, model.flowers_preprocessing))[0],
+                               _fastai_logits(learn, [photo])[0], atol=1e-5, rtol=0)
