@@ -3,20 +3,24 @@
     from flowers_fastai.submit import load_cnn_model, load_vit_model, predict, CLASSES
     model = load_cnn_model()                 # weights/cnn_flowers.pth
     predict(model, 'examples/rose.jpg')      # -> 'rose'
+    predict_proba(model, 'examples/rose.jpg')  # -> {'daisy': 0.01, ..., 'rose': 0.9, ...} (calibrated)
+    both = load_ensemble()                   # CNN + ViT, calibrated probabilities averaged; predict(both, ...)
 
 Weight files are raw `state_dict`s (tensors only), read with `torch.load(..., map_location='cpu',
 weights_only=True)`: no code in a file ever runs. Their key layout:
 - CNN: exactly the keys of `timm.create_model('convnextv2_<size>', num_classes=5).state_dict()`;
 - ViT: the open_clip image tower's `visual.state_dict()` under `visual.`, plus `head.weight` / `head.bias`.
 The architecture is read off the tensors. An optional sidecar `<name>.json` beside the file (written by
-`export.py`) gives what tensors cannot tell: the CNN's input size (default 224) and, for CLIP, QuickGELU
-(True for OpenAI weights, the default) or GELU (OpenCLIP weights).
+`export.py`) gives what tensors cannot tell: the CNN's input size (default 224); for CLIP, QuickGELU
+(True for OpenAI weights, the default) or GELU (OpenCLIP weights); and `temperature`, the calibration
+temperature T fitted on the validation split (probabilities are softmax(logits / T); default 1.0).
 
 Errors (the contract a grader's loop can rely on):
 - `load_*`: `FileNotFoundError` for a missing file (the message says which command writes it);
   `ValueError` for anything that is not a state_dict of that family with a 5-class head.
-- `predict`: returns one of `CLASSES` for any image PIL can decode; `FileNotFoundError` for a missing path;
-  `ValueError` naming the path for anything else (a directory, an empty or non-image file, a decompression bomb).
+- `predict` / `predict_proba`: a class of `CLASSES` / a probability per class for any image PIL can decode;
+  `FileNotFoundError` for a missing path; `ValueError` naming the path for anything else (a directory, an
+  empty or non-image file, a decompression bomb).
 """
 from __future__ import annotations
 
@@ -31,10 +35,11 @@ from torch import nn
 
 from .architectures import (NUM_CLASSES, ClipClassifier, build_cnn, family_of, infer_clip_spec,
                             infer_cnn_arch, load_exactly)
+from .inference import Ensemble, as_dict, load_image, probabilities
 from .labels import CLASSES
 from .preprocess import Preprocessing, cnn_preprocessing, load_for_model, vit_preprocessing
 
-__all__ = ['CLASSES', 'load_cnn_model', 'load_vit_model', 'predict']
+__all__ = ['CLASSES', 'load_cnn_model', 'load_vit_model', 'load_ensemble', 'predict', 'predict_proba']
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / 'weights'
 _HOW_TO_MAKE = {'cnn': 'python train.py cnn && python export.py --family cnn',
@@ -102,11 +107,19 @@ def _load(weights_path, family: str) -> tuple[dict[str, torch.Tensor], dict, Pat
     return state_dict, _read_sidecar(path), path
 
 
-def _ready(model: nn.Module, family: str, preprocessing: Preprocessing) -> nn.Module:
+def _temperature(sidecar: dict, path: Path) -> float:
+    value = sidecar.get('temperature', 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float('inf'):
+        raise ValueError(f'{path.with_suffix(".json")}: temperature must be a positive number, not {value!r}')
+    return float(value)
+
+
+def _ready(model: nn.Module, family: str, preprocessing: Preprocessing, temperature: float) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
     model.flowers_family = family            # what `predict` needs to prepare an image for this model
     model.flowers_preprocessing = preprocessing
+    model.flowers_temperature = temperature  # calibration: probabilities = softmax(logits / T)
     return model
 
 
@@ -115,7 +128,7 @@ def load_cnn_model(weights_path='cnn_flowers.pth') -> nn.Module:
     state_dict, sidecar, path = _load(weights_path, 'cnn')
     model = build_cnn(infer_cnn_arch(state_dict))
     load_exactly(model, state_dict, str(path))
-    return _ready(model, 'cnn', cnn_preprocessing(int(sidecar.get('image_size', 224))))
+    return _ready(model, 'cnn', cnn_preprocessing(int(sidecar.get('image_size', 224))), _temperature(sidecar, path))
 
 
 def load_vit_model(weights_path='vit_flowers.pth') -> nn.Module:
@@ -125,17 +138,36 @@ def load_vit_model(weights_path='vit_flowers.pth') -> nn.Module:
                            head_width=int(sidecar.get('head_width', 64)))
     model = ClipClassifier(spec)
     load_exactly(model, state_dict, str(path))
-    return _ready(model, 'vit', vit_preprocessing(spec.image_size))
+    return _ready(model, 'vit', vit_preprocessing(spec.image_size), _temperature(sidecar, path))
+
+
+def load_ensemble(cnn_path='cnn_flowers.pth', vit_path='vit_flowers.pth') -> Ensemble:
+    """The CNN and the ViT together: `predict` / `predict_proba` average their calibrated probabilities."""
+    return Ensemble([load_cnn_model(cnn_path), load_vit_model(vit_path)])
+
+
+def _check(model: nn.Module, image_path) -> None:
+    if getattr(model, 'flowers_preprocessing', None) is None and not isinstance(model, Ensemble):
+        raise TypeError('predict() takes a model returned by load_cnn_model(), load_vit_model() or load_ensemble()')
+    if not isinstance(image_path, (str, os.PathLike)):
+        raise TypeError(f'image_path must be a str or os.PathLike, not {type(image_path).__name__}')
 
 
 def predict(model: nn.Module, image_path: str | os.PathLike) -> str:
-    """The class of the photo at `image_path`: `CLASSES[argmax(softmax(logits))]`."""
-    preprocessing = getattr(model, 'flowers_preprocessing', None)
-    if preprocessing is None:
-        raise TypeError('predict() takes a model returned by load_cnn_model() or load_vit_model()')
-    if not isinstance(image_path, (str, os.PathLike)):
-        raise TypeError(f'image_path must be a str or os.PathLike, not {type(image_path).__name__}')
-    x = load_for_model(image_path, preprocessing)
+    """The class of the photo at `image_path`: the argmax of the model's (or ensemble's) probabilities."""
+    _check(model, image_path)
+    if isinstance(model, Ensemble):
+        p = probabilities(model, [load_image(image_path, model)])[0]
+        return CLASSES[int(p.argmax())]
+    x = load_for_model(image_path, model.flowers_preprocessing)
     with torch.inference_mode():
-        probabilities = model(x).float().softmax(dim=-1)
-    return CLASSES[int(probabilities.argmax(dim=-1)[0])]
+        logits = model(x)
+    return CLASSES[int(logits[0].float().argmax())]   # = argmax of softmax(logits / T): T > 0 keeps the order
+
+
+def predict_proba(model: nn.Module, image_path: str | os.PathLike) -> dict[str, float]:
+    """Calibrated probability of each class of `CLASSES` for the photo at `image_path` (they add up to 1).
+    For one model: softmax(logits / T), T fitted on the validation split at export (1.0 if none was);
+    for an ensemble: the mean of its members' calibrated probabilities."""
+    _check(model, image_path)
+    return as_dict(probabilities(model, [load_image(image_path, model)])[0])

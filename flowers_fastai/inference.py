@@ -1,0 +1,141 @@
+"""Probabilities for photos, beyond one argmax: calibrated (temperature scaling), test-time augmentation (TTA),
+ensembles of models, and batches of files. No fastai: `submit`, the prediction CLI, evaluation and the web demo
+all go through here.
+
+A model is one returned by `submit.load_cnn_model` / `load_vit_model` (it carries `flowers_preprocessing` and
+`flowers_temperature`) or an `Ensemble` of them (`submit.load_ensemble`).
+"""
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .labels import CLASSES
+from .preprocess import DRAFT_FLOOR, Preprocessing, open_image, resize_center_crop, to_normalized_tensor
+
+
+class Ensemble(nn.Module):
+    """Members whose calibrated probabilities are averaged. Each member keeps its own preprocessing, so
+    `forward` takes one input per member; it returns log(mean probability), so that softmax of the output is
+    the ensemble's probability and its argmax the ensemble's class, as for a single model."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        if not members or any(getattr(m, 'flowers_preprocessing', None) is None for m in members):
+            raise TypeError('an Ensemble is made of models returned by load_cnn_model() / load_vit_model()')
+        self.members = nn.ModuleList(members)
+        self.flowers_temperature = 1.0   # the members are calibrated one by one
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        probabilities = [calibrated_softmax(member, member(x)) for member, x in zip(self.members, inputs)]
+        return torch.stack(probabilities).mean(0).log()
+
+
+def members(model: nn.Module) -> list[nn.Module]:
+    if isinstance(model, Ensemble):
+        return list(model.members)
+    if getattr(model, 'flowers_preprocessing', None) is None:
+        raise TypeError('expected a model returned by load_cnn_model(), load_vit_model() or load_ensemble()')
+    return [model]
+
+
+def calibrated_softmax(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """softmax(logits / T), T the model's fitted temperature (1.0 when it was not calibrated)."""
+    return (logits.float() / getattr(model, 'flowers_temperature', 1.0)).softmax(dim=-1)
+
+
+def load_image(image_path: str | os.PathLike, model: nn.Module) -> Image.Image:
+    """The photo, decoded once for every member of `model` (the same bad-input contract as `submit.predict`)."""
+    resize = max(m.flowers_preprocessing.resize_to for m in members(model))
+    return open_image(image_path, draft_min_side=max(DRAFT_FLOOR, 2 * resize))
+
+
+def tta_views(img: Image.Image, pp: Preprocessing) -> list[Image.Image]:
+    """Test-time augmentation: the center crop and the two crops at the ends of the longer side (the same
+    resize as inference), each as is and mirrored: 6 views."""
+    center = resize_center_crop(img, pp)
+    w, h = img.size
+    scale = pp.resize_to / min(w, h)
+    resized = img.resize((max(pp.size, round(w * scale)), max(pp.size, round(h * scale))), Image.BICUBIC)
+    rw, rh = resized.size
+    first, last = ((0, (rh - pp.size) // 2), (rw - pp.size, (rh - pp.size) // 2)) if rw >= rh else \
+                  (((rw - pp.size) // 2, 0), ((rw - pp.size) // 2, rh - pp.size))
+    crops = [center] + [resized.crop((x, y, x + pp.size, y + pp.size)) for x, y in (first, last)]
+    return crops + [crop.transpose(Image.FLIP_LEFT_RIGHT) for crop in crops]
+
+
+def _inputs(img: Image.Image, pp: Preprocessing, tta: bool) -> torch.Tensor:
+    views = tta_views(img, pp) if tta else [resize_center_crop(img, pp)]
+    return torch.cat([to_normalized_tensor(view, pp) for view in views])
+
+
+@torch.inference_mode()
+def probabilities(model: nn.Module, images: list[Image.Image], tta: bool = False) -> torch.Tensor:
+    """N x 5 calibrated class probabilities of decoded photos (one batch per member; TTA averages the
+    probabilities of the views of each photo)."""
+    per_member = []
+    for member in members(model):
+        pp = member.flowers_preprocessing
+        x = torch.cat([_inputs(img, pp, tta) for img in images])
+        p = calibrated_softmax(member, member(x))
+        per_member.append(p.view(len(images), -1, len(CLASSES)).mean(1))
+    return torch.stack(per_member).mean(0)
+
+
+def as_dict(p: torch.Tensor) -> dict[str, float]:
+    return {name: float(v) for name, v in zip(CLASSES, p.tolist())}
+
+
+@dataclass
+class FileResult:
+    """One file's outcome: its probabilities, or why it could not be classified."""
+    path: Path
+    probabilities: dict[str, float] | None = None
+    error: str | None = None
+
+    @property
+    def label(self) -> str | None:
+        return max(self.probabilities, key=self.probabilities.get) if self.probabilities else None
+
+
+def _decode_all(paths: list[Path], model: nn.Module) -> list[Image.Image | Exception]:
+    decoded = []
+    for path in paths:
+        try:
+            decoded.append(load_image(path, model))
+        except (FileNotFoundError, ValueError) as err:
+            decoded.append(err)
+    return decoded
+
+
+def predict_files(model: nn.Module, paths: Iterable[str | os.PathLike], batch_size: int = 16,
+                  tta: bool = False) -> Iterator[FileResult]:
+    """Classify files in batches, in order. The next batch is decoded in a background thread while the model
+    runs on this one (PIL releases the GIL while decoding). A file that cannot be decoded becomes a result
+    with its error; the others go on."""
+    paths = [Path(p) for p in paths]
+    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_decode_all, batches[0], model) if batches else None
+        for i, batch in enumerate(batches):
+            decoded = pending.result()
+            pending = pool.submit(_decode_all, batches[i + 1], model) if i + 1 < len(batches) else None
+            images = [img for img in decoded if isinstance(img, Image.Image)]
+            probs = iter(probabilities(model, images, tta) if images else [])
+            for path, img in zip(batch, decoded):
+                if isinstance(img, Exception):
+                    yield FileResult(path, error=f'{type(img).__name__}: {img}')
+                else:
+                    p = as_dict(next(probs))
+                    if not all(math.isfinite(v) for v in p.values()):
+                        yield FileResult(path, error='the model gave non-finite scores')
+                    else:
+                        yield FileResult(path, probabilities=p)
