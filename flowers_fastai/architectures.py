@@ -151,8 +151,9 @@ def family_of(state_dict: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def load_exactly(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
-    """`load_state_dict` that accepts nothing less than every key, with every shape, and nothing more."""
+def load_exactly(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str, assign: bool = False) -> None:
+    """`load_state_dict` that accepts nothing less than every key, with every shape, and nothing more.
+    `assign`: the model's tensors become the given ones (a model built on the meta device, mmap'd weights)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -165,4 +166,4 @@ def load_exactly(model: nn.Module, state_dict: dict[str, torch.Tensor], what: st
                     f'{len(unexpected)} unexpected keys: {few(unexpected)}' if unexpected else '',
                     f'{len(wrong_shape)} shape mismatches: {few(wrong_shape)}' if wrong_shape else '']
         raise ArchitectureError(f'{what} does not fit the network: ' + '; '.join(p for p in problems if p))
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, strict=True)
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, strict=True, assign=assign)

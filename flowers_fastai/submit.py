@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .architectures import (NUM_CLASSES, ClipClassifier, build_cnn, family_of, infer_clip_spec,
-                            infer_cnn_arch, load_exactly)
+from .architectures import (CONVNEXTV2_SIZES, NUM_CLASSES, family_of, infer_clip_spec, infer_cnn_arch,
+                            load_exactly)
 from .inference import Ensemble, as_dict, load_image, probabilities
+from .inference_nets import ClipViTClassifier, ConvNeXtV2
 from .labels import CLASSES
 from .preprocess import Preprocessing, cnn_preprocessing, load_for_model, vit_preprocessing
 
@@ -61,7 +62,8 @@ def _find_weights(weights_path: str | os.PathLike, family: str) -> Path:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
+        # mmap: tensors are paged in from the file as they are first used, not copied up front (cold start)
+        obj = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ''
         if 'fastai' in str(err):
@@ -124,20 +126,24 @@ def _ready(model: nn.Module, family: str, preprocessing: Preprocessing, temperat
 
 
 def load_cnn_model(weights_path='cnn_flowers.pth') -> nn.Module:
-    """The ConvNeXt V2 classifier in `weights_path` (a plain timm module in eval mode, on CPU)."""
+    """The ConvNeXt V2 classifier in `weights_path`: a plain PyTorch module in eval mode, on CPU, with timm's
+    state_dict layout (`inference_nets.ConvNeXtV2`, written for CPU inference without importing timm)."""
     state_dict, sidecar, path = _load(weights_path, 'cnn')
-    model = build_cnn(infer_cnn_arch(state_dict))
-    load_exactly(model, state_dict, str(path))
+    with torch.device('meta'):   # no random initialisation: every tensor comes from the file
+        model = ConvNeXtV2(*CONVNEXTV2_SIZES[infer_cnn_arch(state_dict).removeprefix('convnextv2_')])
+    load_exactly(model, state_dict, str(path), assign=True)
     return _ready(model, 'cnn', cnn_preprocessing(int(sidecar.get('image_size', 224))), _temperature(sidecar, path))
 
 
 def load_vit_model(weights_path='vit_flowers.pth') -> nn.Module:
-    """The CLIP ViT classifier in `weights_path` (open_clip image tower + head, eval mode, on CPU)."""
+    """The CLIP ViT classifier in `weights_path`: open_clip's image tower + head as a plain PyTorch module in
+    eval mode, on CPU, with open_clip's state_dict layout (`inference_nets.ClipViTClassifier`)."""
     state_dict, sidecar, path = _load(weights_path, 'vit')
     spec = infer_clip_spec(state_dict, quick_gelu=bool(sidecar.get('quick_gelu', True)),
                            head_width=int(sidecar.get('head_width', 64)))
-    model = ClipClassifier(spec)
-    load_exactly(model, state_dict, str(path))
+    with torch.device('meta'):
+        model = ClipViTClassifier(spec)
+    load_exactly(model, state_dict, str(path), assign=True)
     return _ready(model, 'vit', vit_preprocessing(spec.image_size), _temperature(sidecar, path))
 
 

@@ -1,0 +1,459 @@
+"""Evaluate exported weights on any labelled folder of class folders (no fastai needed):
+
+    python -m flowers_fastai.evaluate --weights weights/cnn_flowers.pth --data DIR [--tta] [--out DIR]
+    python -m flowers_fastai.evaluate --weights cnn_flowers.pth --weights vit_flowers.pth --data DIR   # ensemble
+
+DIR holds one folder per class (`DIR/<class>/**/<image>`; names as in training: `Roses/` means rose). Prints a short
+summary and writes into --out (default `eval/<weights stem>-<data folder name>/`): metrics.json, the confusion
+matrix (confusion_matrix.csv / .png, rows = true class, columns = predicted), misclassified.csv (path, true,
+predicted, the probability of each class; most confident mistakes first), predictions.csv (every photo),
+failed.csv (files that could not be decoded: reported, never counted) and reliability.png (accuracy against
+confidence, with the top-label ECE). With --tta every number is also computed with test-time augmentation (the 6
+views of `inference.tta_views`, probabilities averaged) and shown beside the plain one; the TTA files end in `_tta`.
+
+Library use (export-time calibration, benchmarks):
+
+    from flowers_fastai.evaluate import evaluate, scan_labelled_folder, load_model
+    result = evaluate(load_model(['weights/cnn_flowers.pth']), scan_labelled_folder('DIR').items, tta=False)
+    result['accuracy'], result['per_class']['rose']['f1'], result['probabilities']  # N x 5 tensor
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .architectures import family_of
+from .calibration import expected_calibration_error, reliability_diagram
+from .data_files import IMAGE_EXTENSIONS
+from .inference import Ensemble, members, predict_files
+from .labels import CLASSES, normalize_class_name
+from .preprocess import TruncatedImageWarning
+from .submit import WEIGHTS_DIR, load_cnn_model, load_vit_model
+
+__all__ = ['ARRAY_KEYS', 'ECE_BINS', 'EvaluationError', 'LabelledFolder', 'scan_labelled_folder', 'find_weights',
+           'weights_family', 'load_model', 'classification_metrics', 'evaluate', 'summary_numbers', 'default_out',
+           'main']
+
+ECE_BINS = 15
+_LOADERS = {'cnn': load_cnn_model, 'vit': load_vit_model}
+# keys of evaluate()'s result that hold tensors / per-photo data rather than summary numbers
+ARRAY_KEYS = ('paths', 'targets', 'probabilities')
+
+
+class EvaluationError(ValueError):
+    """The folder or the weights cannot be evaluated as they are (said before any photo is classified)."""
+
+
+# ------------------------------------------------------------------------------------------------ the folder
+@dataclass
+class LabelledFolder:
+    """The photos of a folder of class folders (`items`: (path, class name)), and what was left out."""
+    root: Path
+    items: list[tuple[Path, str]]
+    non_images: list[Path] = field(default_factory=list)
+
+    @property
+    def missing_classes(self) -> list[str]:
+        present = {label for _, label in self.items}
+        return [c for c in CLASSES if c not in present]
+
+
+def scan_labelled_folder(root: str | os.PathLike) -> LabelledFolder:
+    """List `root/<class>/**/<file>`: class-folder names normalised (`Roses/` -> rose, several folders may mean
+    one class), files with an image extension kept (decoding is checked when they are classified), other files
+    counted in `non_images`, hidden files and folders and files directly in `root` ignored. A class may be
+    absent (a small test folder); a folder that names no class, or no image at all, is an `EvaluationError`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise EvaluationError(f'data folder {root} does not exist or is not a folder')
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
+    unknown = [p.name for p in folders if normalize_class_name(p.name) is None]
+    if unknown:
+        raise EvaluationError(f'{root}: folder(s) {unknown} name no class; expected one folder per class of '
+                              f'{CLASSES} (plural and capitalised names such as "Roses" are accepted)')
+    folders.sort(key=lambda p: (CLASSES.index(normalize_class_name(p.name)), p.name))   # in class order
+    if not folders:
+        raise EvaluationError(f'{root} has no class folders; expected {root}/<class>/<photos> with <class> one of '
+                              f'{CLASSES}')
+    scanned = LabelledFolder(root=root, items=[])
+    for folder in folders:
+        label = normalize_class_name(folder.name)
+        for path in sorted(folder.rglob('*')):
+            if not path.is_file() or any(part.startswith('.') for part in path.relative_to(folder).parts):
+                continue
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                scanned.items.append((path, label))
+            else:
+                scanned.non_images.append(path)
+    if not scanned.items:
+        raise EvaluationError(f'{root}: no image files in its class folders {[p.name for p in folders]} '
+                              f'(extensions {sorted(IMAGE_EXTENSIONS)})')
+    return scanned
+
+
+# ----------------------------------------------------------------------------------------------- the model
+def find_weights(weights_path: str | os.PathLike) -> Path:
+    """As `submit` looks a file up: an absolute path as is; a relative one in the cwd first, then in weights/."""
+    path = Path(weights_path)
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, WEIGHTS_DIR / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f'weights file {weights_path} not found (looked in: {", ".join(map(str, candidates))})')
+
+
+def weights_family(path: str | os.PathLike) -> str:
+    """'cnn' or 'vit': the `family` of the sidecar JSON beside the file when it says, else read off the
+    state_dict's key names (`architectures.family_of`, the tensors memory-mapped, not read)."""
+    path = Path(path)
+    sidecar = path.with_suffix('.json')
+    if sidecar.is_file():
+        try:
+            family = json.loads(sidecar.read_text()).get('family')
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            family = None   # the loader reports a broken sidecar with its own message
+        if family in _LOADERS:
+            return family
+    state = None
+    for mmap in (True, False):
+        try:
+            state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+            break
+        except Exception:  # noqa: BLE001 - whatever it is, the loader below says it properly
+            continue
+    if state is None:
+        return 'cnn'   # unreadable: load_cnn_model raises the ValueError that explains why
+    family = family_of(state) if isinstance(state, dict) else None
+    if family is None:
+        keys = ', '.join(list(state)[:3]) if isinstance(state, dict) else type(state).__name__
+        raise EvaluationError(f'{path}: cannot tell whether it holds a CNN or a ViT (no "family" in a sidecar '
+                              f'{sidecar.name}, and its keys ({keys}, ...) are those of neither)')
+    return family
+
+
+def load_model(weights_paths: Sequence[str | os.PathLike]) -> nn.Module:
+    """One weights file -> its model (`submit.load_cnn_model` / `load_vit_model`, by `weights_family`);
+    several -> an `inference.Ensemble` of them (their calibrated probabilities averaged)."""
+    if isinstance(weights_paths, (str, os.PathLike)):
+        weights_paths = [weights_paths]
+    if not weights_paths:
+        raise EvaluationError('no weights file given')
+    models = []
+    for weights in weights_paths:
+        path = find_weights(weights)
+        models.append(_LOADERS[weights_family(path)](path))
+    return models[0] if len(models) == 1 else Ensemble(models)
+
+
+# --------------------------------------------------------------------------------------------- the numbers
+def _class_index(label) -> int:
+    if isinstance(label, str):
+        name = normalize_class_name(label)
+        if name is None:
+            raise ValueError(f'label {label!r} is not one of {CLASSES}')
+        return CLASSES.index(name)
+    index = int(label)
+    if not 0 <= index < len(CLASSES):
+        raise ValueError(f'label {label!r} is not a class index 0..{len(CLASSES) - 1}')
+    return index
+
+
+def classification_metrics(probabilities: torch.Tensor, targets: torch.Tensor, n_bins: int = ECE_BINS) -> dict:
+    """Summary numbers (JSON-ready) of N x 5 probabilities against N class indices.
+
+    accuracy; per class (CLASSES order) precision, recall, F1, support (true photos) and predicted (photos
+    predicted as it), 0.0 where undefined (as scikit-learn's zero_division=0); macro F1, the unweighted mean F1
+    over the classes present in the targets or the predictions (scikit-learn's `f1_score(average='macro')`);
+    confusion_matrix (rows: true class, columns: predicted); top-label ECE with `n_bins` equal-width bins; NLL
+    (mean -log probability of the true class, the probabilities clamped at 1e-12); mean confidence."""
+    probabilities = torch.as_tensor(probabilities).detach().double().cpu()
+    targets = torch.as_tensor(targets).long().cpu()
+    if probabilities.ndim != 2 or probabilities.shape[1] != len(CLASSES) or probabilities.shape[0] == 0:
+        raise ValueError(f'probabilities must be N x {len(CLASSES)} with N > 0, not {tuple(probabilities.shape)}')
+    if targets.shape != probabilities.shape[:1]:
+        raise ValueError(f'targets must be a vector of {probabilities.shape[0]} class indices')
+    n, k = probabilities.shape
+    predicted = probabilities.argmax(dim=1)
+    cm = torch.zeros(k, k, dtype=torch.long)
+    cm.index_put_((targets, predicted), torch.ones(n, dtype=torch.long), accumulate=True)
+    diagonal = cm.diag()
+    support, n_predicted = cm.sum(1), cm.sum(0)
+    per_class, f1s = {}, []
+    for i, name in enumerate(CLASSES):
+        tp = int(diagonal[i])
+        precision = tp / int(n_predicted[i]) if n_predicted[i] else 0.0
+        recall = tp / int(support[i]) if support[i] else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {'precision': precision, 'recall': recall, 'f1': f1,
+                           'support': int(support[i]), 'predicted': int(n_predicted[i])}
+        if support[i] or n_predicted[i]:
+            f1s.append(f1)
+    true_p = probabilities.gather(1, targets[:, None])[:, 0]
+    return {
+        'n_photos': n,
+        'accuracy': int(diagonal.sum()) / n,
+        'macro_f1': sum(f1s) / len(f1s),
+        'macro_f1_classes': [c for c in CLASSES if per_class[c]['support'] or per_class[c]['predicted']],
+        'ece': expected_calibration_error(probabilities, targets, n_bins),
+        'ece_bins': n_bins,
+        'nll': float(-true_p.clamp(min=1e-12).log().mean()),
+        'mean_confidence': float(probabilities.max(dim=1).values.mean()),
+        'n_misclassified': n - int(diagonal.sum()),
+        'per_class': per_class,
+        'confusion_matrix': cm.tolist(),
+    }
+
+
+def evaluate(model: nn.Module, items: Iterable[tuple[str | os.PathLike, str | int]], batch_size: int = 16,
+             tta: bool = False, progress: bool | None = True, n_bins: int = ECE_BINS) -> dict:
+    """Classify `items` ((path, label): a class name of CLASSES, a folder spelling such as 'Roses', or a class
+    index; e.g. `scan_labelled_folder(DIR).items`) with `model` (from `load_model` or `submit.load_*`), in
+    batches through `inference.predict_files`, and measure the (calibrated) probabilities.
+
+    Returns `classification_metrics(...)` plus: 'tta'; 'n_files' (items given); 'failed' (list of {'path',
+    'error'}: files that could not be decoded, counted nowhere else) and 'n_failed'; 'misclassified' (list of
+    {'path', 'true', 'predicted', 'probabilities': {class: p}}, most confident mistake first); and, per photo
+    evaluated, in order: 'paths' (list of str), 'targets' (LongTensor N) and 'probabilities' (float32 tensor
+    N x 5) -- the keys of ARRAY_KEYS, left out of metrics.json.
+    For a single model whose `flowers_temperature` is 1.0 and tta=False, `probabilities.log()` are its logits
+    up to a per-photo constant (which softmax ignores): `calibration.fit_temperature(result['probabilities']
+    .clamp_min(1e-30).log(), result['targets'])` fits its temperature.
+
+    `progress`: a tqdm bar on stderr (None: only when stderr is a terminal). Raises `EvaluationError` when no
+    file could be decoded."""
+    from tqdm.auto import tqdm
+
+    if int(batch_size) < 1:
+        raise ValueError(f'batch_size must be >= 1, not {batch_size}')
+    members(model)   # TypeError now, for anything that is not a delivery model or ensemble
+    items = [(Path(path), _class_index(label)) for path, label in items]
+    paths, targets, probs, failed = [], [], [], []
+    results = predict_files(model, [path for path, _ in items], batch_size=int(batch_size), tta=tta)
+    bar = tqdm(total=len(items), desc='evaluate (TTA)' if tta else 'evaluate', unit='photo', file=sys.stderr,
+               disable=None if progress is None else not progress, leave=False, dynamic_ncols=True)
+    with bar:
+        for (path, target), result in zip(items, results):
+            bar.update(1)
+            assert result.path == path   # predict_files keeps the order
+            if result.error is not None:
+                failed.append({'path': str(path), 'error': result.error})
+                continue
+            paths.append(str(path))
+            targets.append(target)
+            probs.append([result.probabilities[c] for c in CLASSES])
+    if not probs:
+        shown = '; '.join(f'{f["path"]}: {f["error"]}' for f in failed[:3])
+        raise EvaluationError(f'none of the {len(items)} file(s) could be classified ({shown}'
+                              f'{" ..." if len(failed) > 3 else ""})')
+    probabilities = torch.tensor(probs, dtype=torch.float32)
+    targets = torch.tensor(targets, dtype=torch.long)
+    metrics = classification_metrics(probabilities, targets, n_bins)
+    predicted = probabilities.argmax(dim=1)
+    wrong = [i for i in range(len(paths)) if predicted[i] != targets[i]]
+    wrong.sort(key=lambda i: -float(probabilities[i, predicted[i]]))
+    misclassified = [{'path': paths[i], 'true': CLASSES[targets[i]], 'predicted': CLASSES[predicted[i]],
+                      'probabilities': {c: float(v) for c, v in zip(CLASSES, probabilities[i].tolist())}}
+                     for i in wrong]
+    return {'tta': bool(tta), 'n_files': len(items), 'n_failed': len(failed), 'failed': failed, **metrics,
+            'misclassified': misclassified, 'paths': paths, 'targets': targets, 'probabilities': probabilities}
+
+
+def summary_numbers(result: dict) -> dict:
+    """`evaluate`'s result without the per-photo data (ARRAY_KEYS, the misclassified list): what metrics.json
+    holds per variant."""
+    return {k: v for k, v in result.items() if k not in ARRAY_KEYS and k not in ('misclassified', 'failed')}
+
+
+# -------------------------------------------------------------------------------------------------- files
+def _write_csv(path: Path, header: list[str], rows: Iterable[list]) -> Path:
+    with path.open('w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def write_confusion_csv(cm: list[list[int]], path: Path) -> Path:
+    """Rows: true class; columns: predicted class (CLASSES order)."""
+    return _write_csv(path, ['true\\predicted'] + CLASSES, [[c] + row for c, row in zip(CLASSES, cm)])
+
+
+def _probability_rows(paths, targets, probabilities) -> list[list]:
+    predicted = probabilities.argmax(dim=1)
+    return [[p, CLASSES[t], CLASSES[int(q)]] + [f'{v:.6f}' for v in row]
+            for p, t, q, row in zip(paths, targets.tolist(), predicted, probabilities.tolist())]
+
+
+def write_confusion_png(cm: list[list[int]], path: Path, title: str) -> Path:
+    """The confusion matrix as a heat map (colour: share of the true class's photos; text: counts)."""
+    from matplotlib.figure import Figure   # lazy: only for the pictures
+
+    counts = torch.tensor(cm, dtype=torch.float64)
+    share = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    fig = Figure(figsize=(6.0, 5.2), dpi=100)
+    ax = fig.subplots()
+    image = ax.imshow(share.numpy(), cmap='Blues', vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label='share of the true class')
+    for i in range(len(CLASSES)):
+        for j in range(len(CLASSES)):
+            ax.text(j, i, str(cm[i][j]), ha='center', va='center',
+                    color='white' if share[i, j] > 0.5 else 'black', fontsize=10)
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=30, ha='right')
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xlabel('predicted')
+    ax.set_ylabel('true')
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, format='png')
+    return path
+
+
+def _write_outputs(out: Path, results: dict[str, dict], n_bins: int) -> list[str]:
+    """CSV files and pictures of each variant ('plain', 'tta'); returns the names written."""
+    written = []
+    for variant, result in results.items():
+        suffix = '' if variant == 'plain' else f'_{variant}'
+        rows = _probability_rows(result['paths'], result['targets'], result['probabilities'])
+        _write_csv(out / f'predictions{suffix}.csv', ['path', 'true', 'predicted'] + CLASSES, rows)
+        _write_csv(out / f'misclassified{suffix}.csv', ['path', 'true', 'predicted'] + CLASSES,
+                   [[m['path'], m['true'], m['predicted']] + [f'{m["probabilities"][c]:.6f}' for c in CLASSES]
+                    for m in result['misclassified']])
+        write_confusion_csv(result['confusion_matrix'], out / f'confusion_matrix{suffix}.csv')
+        written += [f'predictions{suffix}.csv', f'misclassified{suffix}.csv', f'confusion_matrix{suffix}.csv']
+    plain = results['plain']
+    _write_csv(out / 'failed.csv', ['path', 'error'], [[f['path'], f['error']] for f in plain['failed']])
+    written.append('failed.csv')
+    try:
+        for variant, result in results.items():
+            suffix = '' if variant == 'plain' else f'_{variant}'
+            name = 'TTA' if variant == 'tta' else 'plain'
+            write_confusion_png(result['confusion_matrix'], out / f'confusion_matrix{suffix}.png',
+                                f'{name}: accuracy {result["accuracy"]:.4f} on {result["n_photos"]} photos')
+            written.append(f'confusion_matrix{suffix}.png')
+        tta = results.get('tta')
+        reliability_diagram(plain['probabilities'], tta['probabilities'] if tta else None, plain['targets'],
+                            out / 'reliability.png', n_bins=n_bins,
+                            title=f'Reliability of the (calibrated) probabilities, {plain["n_photos"]} photos',
+                            names=('plain', 'TTA'))
+        written.append('reliability.png')
+    except ImportError as err:
+        print(f'warning: no pictures written ({err}); pip install matplotlib for them', file=sys.stderr)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------- the summary
+def _table(results: dict[str, dict]) -> list[str]:
+    variants = list(results)
+    head = ['plain', 'TTA'][:len(variants)]
+
+    def fmt(row_name, values):
+        return (f'{row_name:<24}' + ''.join(f'{v:>20}' for v in values)).rstrip()
+
+    lines = [fmt('', head)]
+    for key, name in (('accuracy', 'accuracy'), ('macro_f1', 'macro F1'), ('ece', f'ECE ({ECE_BINS} bins)'),
+                      ('nll', 'NLL'), ('mean_confidence', 'mean confidence')):
+        lines.append(fmt(name, [f'{results[v][key]:.4f}' for v in variants]))
+    lines.append(fmt('misclassified', [f'{results[v]["n_misclassified"]} / {results[v]["n_photos"]}'
+                                       for v in variants]))
+    lines.append(fmt('per class: P / R / F1', [''] * len(variants)))
+    for c in CLASSES:
+        stats = [results[v]['per_class'][c] for v in variants]
+        lines.append(fmt(f'  {c} (n={stats[0]["support"]})',
+                         [f'{s["precision"]:.2f} / {s["recall"]:.2f} / {s["f1"]:.2f}' for s in stats]))
+    return lines
+
+
+def _describe(model: nn.Module, weights: list[Path]) -> list[dict]:
+    return [{'path': str(path), 'family': getattr(m, 'flowers_family', None),
+             'image_size': m.flowers_preprocessing.size, 'temperature': float(m.flowers_temperature)}
+            for path, m in zip(weights, members(model))]
+
+
+def default_out(weights: Sequence[str | os.PathLike], data: str | os.PathLike) -> Path:
+    """eval/<weights stem>-<data folder name> (stems joined with '+' for an ensemble), under the cwd."""
+    stems = '+'.join(Path(w).stem for w in weights)
+    return Path('eval') / f'{stems}-{Path(data).resolve().name}'
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m flowers_fastai.evaluate', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--weights', action='append', required=True, metavar='FILE',
+                        help='exported weights (looked up in the cwd, then in weights/); twice (e.g. a CNN and a '
+                             'ViT file) for their ensemble')
+    parser.add_argument('--data', type=Path, required=True, metavar='DIR', help='folder of class folders')
+    parser.add_argument('--tta', action='store_true', help='also evaluate with test-time augmentation (6 views)')
+    parser.add_argument('--out', type=Path, metavar='DIR',
+                        help='output folder (default: eval/<weights stem>-<data folder name>)')
+    parser.add_argument('--batch-size', type=int, default=16, metavar='N', help='photos per batch (default 16)')
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error('--batch-size must be >= 1')
+    warnings.simplefilter('always', TruncatedImageWarning)   # one line per truncated photo, not one in all
+
+    try:
+        folder = scan_labelled_folder(args.data)
+        weights = [find_weights(w) for w in args.weights]
+        model = load_model(weights)
+    except (FileNotFoundError, ValueError) as err:   # EvaluationError is a ValueError
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    out = args.out if args.out is not None else default_out(args.weights, args.data)
+    out.mkdir(parents=True, exist_ok=True)
+
+    results = {}
+    try:
+        for variant in ['plain'] + (['tta'] if args.tta else []):
+            results[variant] = evaluate(model, folder.items, batch_size=args.batch_size, tta=variant == 'tta',
+                                        progress=None)
+    except EvaluationError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    plain = results['plain']
+    metrics = {
+        'weights': _describe(model, weights),
+        'ensemble': isinstance(model, Ensemble),
+        'data': str(args.data.resolve()),
+        'classes': CLASSES,
+        'n_files': plain['n_files'],
+        'n_evaluated': plain['n_photos'],
+        'n_failed': plain['n_failed'],
+        'failed': plain['failed'],
+        'n_skipped_non_images': len(folder.non_images),
+        'skipped_non_images': [str(p) for p in folder.non_images],
+        'missing_classes': folder.missing_classes,
+        'batch_size': args.batch_size,
+        'plain': summary_numbers(plain),
+        'tta': summary_numbers(results['tta']) if 'tta' in results else None,
+    }
+    (out / 'metrics.json').write_text(json.dumps(metrics, indent=2) + '\n')
+    written = ['metrics.json'] + _write_outputs(out, results, ECE_BINS)
+
+    described = ', '.join(f'{Path(w["path"]).name} ({w["family"]}, {w["image_size"]} px, T={w["temperature"]:g})'
+                          for w in metrics['weights'])
+    print(f'weights: {"ensemble of " if metrics["ensemble"] else ""}{described}')
+    print(f'data:    {args.data}: {plain["n_photos"]} photos evaluated, {plain["n_failed"]} failed to decode, '
+          f'{len(folder.non_images)} non-image file(s) skipped'
+          + (f'; no photos of {", ".join(folder.missing_classes)}' if folder.missing_classes else ''))
+    print()
+    print('\n'.join(_table(results)))
+    if plain['failed']:
+        print(f'\nnot evaluated ({plain["n_failed"]} file(s) that could not be decoded):')
+        for f in plain['failed']:
+            print(f'  {f["path"]}: {f["error"]}')
+    print(f'\nwrote {out}/: {", ".join(written)}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
