@@ -1,5 +1,6 @@
 """Shared fixtures. Every test runs with the network blocked (sockets refuse to connect), so "offline" is
-checked, not trusted. Real photos come from ../shared/data/flowers; tests that need them skip when it is absent."""
+checked, not trusted; a test marked `loopback` may reach this machine only (a local server, a browser driver).
+Real photos come from ../shared/data/flowers; tests that need them skip when it is absent."""
 from __future__ import annotations
 
 import json
@@ -21,9 +22,15 @@ class NetworkBlocked(OSError):
     pass
 
 
+LOOPBACK_HOSTS = {'127.0.0.1', '::1', 'localhost'}
+
+
 @pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any attempt to open a network connection fails at once, as on a machine with no network."""
+def no_network(request, monkeypatch):
+    """Any attempt to open a network connection fails at once, as on a machine with no network. A test marked
+    `loopback` may still connect to, and look up, LOOPBACK_HOSTS (its own server, a browser driver), nothing else."""
+    loopback_allowed = request.node.get_closest_marker('loopback') is not None
+
     def refuse(*args, **kwargs):
         raise NetworkBlocked('network access blocked in tests')
 
@@ -31,12 +38,19 @@ def no_network(monkeypatch):
         def connect(sock, *args, **kwargs):
             if sock.family == socket.AF_UNIX:   # local IPC (DataLoader workers) is not network
                 return original(sock, *args, **kwargs)
+            if loopback_allowed and isinstance(args[0], tuple) and args[0][0] in LOOPBACK_HOSTS:
+                return original(sock, *args, **kwargs)
             refuse()
         return connect
+
+    def loopback_only(original, host_of):
+        def call(*args, **kwargs):
+            return original(*args, **kwargs) if loopback_allowed and host_of(*args) in LOOPBACK_HOSTS else refuse()
+        return call
     monkeypatch.setattr(socket.socket, 'connect', refuse_inet(socket.socket.connect))
     monkeypatch.setattr(socket.socket, 'connect_ex', refuse_inet(socket.socket.connect_ex))
-    monkeypatch.setattr(socket, 'create_connection', refuse)
-    monkeypatch.setattr(socket, 'getaddrinfo', refuse)
+    monkeypatch.setattr(socket, 'create_connection', loopback_only(socket.create_connection, lambda addr, *_: addr[0]))
+    monkeypatch.setattr(socket, 'getaddrinfo', loopback_only(socket.getaddrinfo, lambda host, *_: host))
 
 
 def real_photos(per_class: int = 2) -> dict[str, list[Path]]:

@@ -1,0 +1,362 @@
+"""A small web demo: drop or pick a photo in a page on localhost and see the predicted class and the five
+calibrated probabilities as bars.
+
+    pip install -e .[demo]
+    python -m flowers_fastai.app                      # the shipped CNN on http://127.0.0.1:7860
+    python -m flowers_fastai.app --model ensemble --vit-weights vit_flowers.pth
+
+Starlette + uvicorn are an optional extra, imported only when the app is built, so the rest of the package
+never needs them (and never imports this module). Each upload is streamed, with its size checked as it
+arrives, into a temporary folder of its own that is deleted once the request is answered: nothing is
+written anywhere else.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import tempfile
+from pathlib import Path
+
+from .labels import CLASSES
+from .submit import load_cnn_model, load_ensemble, load_vit_model, predict_proba
+
+DEFAULT_MAX_MB = 10
+MB = 2 ** 20
+# Room for the multipart framing (boundaries, part headers) around the file, so a file of exactly the limit passes.
+MULTIPART_OVERHEAD = 64 * 1024
+INSTALL_HINT = 'pip install -e .[demo]'
+
+
+def _import_demo_dependencies():
+    """Import starlette and uvicorn, and return python-multipart's parser module; else an ImportError that
+    says how to install them."""
+    try:
+        for name in ('starlette', 'uvicorn'):
+            importlib.import_module(name)
+        try:
+            multipart = importlib.import_module('python_multipart.multipart')
+        except ModuleNotFoundError:   # python-multipart < 0.0.13 named its package `multipart`
+            multipart = importlib.import_module('multipart.multipart')
+    except ModuleNotFoundError as err:
+        raise ImportError(f'the web demo needs {err.name or "its optional dependencies"}, which is not installed; '
+                          f'install the demo extra with: {INSTALL_HINT}') from None
+    return multipart
+
+
+class UploadTooLarge(Exception):
+    """The upload passed the size limit: answered with 413."""
+
+
+class BadUpload(Exception):
+    """The request is not one file in a multipart form: answered with 400 and this message."""
+
+
+def _megabytes(n_bytes: int) -> str:
+    return f'{n_bytes / MB:.3g} MB' if n_bytes >= MB else f'{n_bytes / 1024:.3g} KB'
+
+
+def _too_large_message(max_bytes: int) -> str:
+    return f'The file is too large: the limit is {_megabytes(max_bytes)}.'
+
+
+class _FileWriter:
+    """Callbacks for python-multipart's streaming parser: the first file part of the form goes straight to
+    `path` as it arrives, and the count of its bytes stops the upload as soon as it passes `max_bytes`."""
+
+    def __init__(self, path: Path, max_bytes: int, parse_options_header):
+        self.path, self.max_bytes, self.parse_options_header = path, max_bytes, parse_options_header
+        self.filename: str | None = None
+        self.size = 0
+        self.complete = False           # the file part's closing boundary was seen (else: a truncated upload)
+        self._file = None
+        self._writing = False
+        self._header_name = self._header_value = self._disposition = b''
+
+    def callbacks(self) -> dict:
+        return {'on_part_begin': self.on_part_begin, 'on_header_field': self.on_header_field,
+                'on_header_value': self.on_header_value, 'on_header_end': self.on_header_end,
+                'on_headers_finished': self.on_headers_finished, 'on_part_data': self.on_part_data,
+                'on_part_end': self.on_part_end}
+
+    def on_part_begin(self):
+        self._disposition = b''
+
+    def on_header_field(self, data, start, end):
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data, start, end):
+        self._header_value += data[start:end]
+
+    def on_header_end(self):
+        if self._header_name.strip().lower() == b'content-disposition':
+            self._disposition = self._header_value
+        self._header_name = self._header_value = b''
+
+    def on_headers_finished(self):
+        _, options = self.parse_options_header(self._disposition)
+        if b'filename' in options and self._file is None:   # only the first file; other fields are skipped
+            self.filename = Path(options[b'filename'].decode('utf-8', 'replace').replace('\\', '/')).name[:100]
+            self._file = open(self.path, 'wb')
+            self._writing = True
+
+    def on_part_data(self, data, start, end):
+        if not self._writing:
+            return
+        self.size += end - start
+        if self.size > self.max_bytes:
+            raise UploadTooLarge
+        self._file.write(data[start:end])
+
+    def on_part_end(self):
+        if self._writing:
+            self._file.close()
+            self._writing = False
+            self.complete = True
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+
+
+async def _receive_upload(request, folder: Path, max_bytes: int, multipart) -> tuple[Path, str]:
+    """Stream the multipart body of `request` into `folder`; the saved file's path and its display name.
+    Raises UploadTooLarge before reading more than about `max_bytes`, BadUpload for anything but one file."""
+    declared = request.headers.get('content-length')
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes + MULTIPART_OVERHEAD:
+        raise UploadTooLarge   # refused on the header alone: the body is never read
+    content_type, params = multipart.parse_options_header(request.headers.get('content-type', ''))
+    if content_type != b'multipart/form-data' or not params.get(b'boundary'):
+        raise BadUpload('Send the photo as a multipart/form-data upload (a form with a file field).')
+    writer = _FileWriter(folder / 'upload', max_bytes, multipart.parse_options_header)
+    try:
+        parser = multipart.MultipartParser(params[b'boundary'], writer.callbacks())
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_bytes + MULTIPART_OVERHEAD:   # the file's own count is checked by the writer
+                raise UploadTooLarge
+            parser.write(chunk)
+        parser.finalize()
+    except multipart.FormParserError as err:
+        raise BadUpload(f'The upload is not valid multipart form data ({err}).') from None
+    finally:
+        writer.close()
+    if writer.filename is None:
+        raise BadUpload('The form holds no file: choose a photo to upload.')
+    if not writer.complete:
+        raise BadUpload(f'The upload of {writer.filename or "the file"} was cut off before its end.')
+    return writer.path, writer.filename or 'the uploaded file'
+
+
+def create_app(model, max_bytes: int = DEFAULT_MAX_MB * MB):
+    """The Starlette app around `model` (anything `submit.predict_proba` takes): GET / is the page,
+    POST /predict takes a multipart upload and answers {"class": ..., "probabilities": {class: p}}, or
+    {"error": why} with 413 (over `max_bytes`) or 400 (not an image, or not an upload)."""
+    multipart = _import_demo_dependencies()
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.routing import Route
+
+    if max_bytes <= 0:
+        raise ValueError(f'max_bytes must be positive, not {max_bytes}')
+    page = PAGE.replace('__MAX_BYTES__', str(max_bytes)).replace('__LIMIT__', _megabytes(max_bytes))
+
+    async def index(request):
+        return HTMLResponse(page)
+
+    async def predict(request):
+        # A folder per request: concurrent uploads never meet, and leaving the block deletes everything.
+        with tempfile.TemporaryDirectory(prefix='flowers-demo-') as folder:
+            try:
+                path, name = await _receive_upload(request, Path(folder), max_bytes, multipart)
+            except UploadTooLarge:
+                return JSONResponse({'error': _too_large_message(max_bytes)}, status_code=413)
+            except BadUpload as err:
+                return JSONResponse({'error': str(err)}, status_code=400)
+            try:
+                # The model is CPU-bound: a worker thread keeps the server answering meanwhile.
+                probabilities = await run_in_threadpool(predict_proba, model, path)
+            except (ValueError, FileNotFoundError) as err:
+                # predict_proba names the file by its temporary path: show the user their own file name instead
+                reason = str(err).replace(str(path), name)
+                return JSONResponse({'error': f'Not a photo the model can read: {reason}.'}, status_code=400)
+        best = max(probabilities, key=probabilities.get)
+        return JSONResponse({'class': best, 'probabilities': probabilities})
+
+    return Starlette(routes=[Route('/', index), Route('/predict', predict, methods=['POST'])])
+
+
+def load_model(kind: str, weights: str | None = None, vit_weights: str | None = None):
+    """The model the demo serves; FileNotFoundError / ValueError (from submit) when its weights are missing or bad."""
+    if kind == 'cnn':
+        return load_cnn_model(weights or 'cnn_flowers.pth')
+    if kind == 'vit':
+        return load_vit_model(vit_weights or weights or 'vit_flowers.pth')
+    return load_ensemble(weights or 'cnn_flowers.pth', vit_weights or 'vit_flowers.pth')
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', choices=['cnn', 'vit', 'ensemble'], default='cnn',
+                        help='what to serve (default: %(default)s, the shipped weights/cnn_flowers.pth)')
+    parser.add_argument('--weights', help='weights of --model cnn or vit; with ensemble, the CNN\'s '
+                                          '(default: <family>_flowers.pth in . or weights/)')
+    parser.add_argument('--vit-weights', help='ViT weights for --model ensemble (or vit); no ViT file is shipped')
+    parser.add_argument('--host', default='127.0.0.1',
+                        help='address to listen on (default: %(default)s: this machine only)')
+    parser.add_argument('--port', type=int, default=7860, help='default: %(default)s')
+    parser.add_argument('--max-mb', type=float, default=DEFAULT_MAX_MB,
+                        help='largest upload accepted, in MB of 2**20 bytes (default: %(default)s)')
+    args = parser.parse_args(argv)
+    if args.max_mb <= 0:
+        parser.error('--max-mb must be positive')
+    if args.model == 'cnn' and args.vit_weights:
+        parser.error('--vit-weights needs --model vit or --model ensemble')
+    if args.model == 'vit' and args.weights and args.vit_weights:
+        parser.error('--model vit takes one weights file: give --weights or --vit-weights, not both')
+    try:
+        _import_demo_dependencies()   # before the slow model load, so a missing extra is reported at once
+    except ImportError as err:
+        sys.exit(f'error: {err}')
+    try:
+        model = load_model(args.model, args.weights, args.vit_weights)
+    except (FileNotFoundError, ValueError) as err:
+        needs = ' (no ViT weights are shipped: train and export them, then pass --vit-weights)' \
+            if args.model != 'cnn' else ''
+        sys.exit(f'error: cannot load the {args.model} model{needs}: {err}')
+    import uvicorn
+    app = create_app(model, max_bytes=int(args.max_mb * MB))
+    print(f'Serving the {args.model} model on http://{args.host}:{args.port}/ (Ctrl+C stops it)', flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level='info')
+    return 0
+
+
+# One self-contained page: inline CSS and JS, nothing fetched from a CDN (the demo must work offline).
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Flower classifier</title>
+<style>
+  body { font-family: system-ui, sans-serif; max-width: 40rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+  h1 { font-size: 1.4rem; }
+  #drop-zone { display: block; border: 2px dashed #999; border-radius: 8px; padding: 2rem; text-align: center;
+               cursor: pointer; color: #555; }
+  #drop-zone.over { border-color: #2a7; background: #efe; }
+  #file { display: block; margin: 0.8rem auto 0; }
+  #preview { display: none; max-width: 100%; max-height: 16rem; margin: 1rem auto; border-radius: 6px; }
+  #status { color: #555; min-height: 1.2em; }
+  #error { color: #b00; font-weight: 600; white-space: pre-wrap; }
+  #error:empty { display: none; }
+  #result-class { font-size: 1.6rem; font-weight: 700; margin: 0.5rem 0; }
+  .bar-row { display: grid; grid-template-columns: 6rem 1fr 4rem; gap: 0.5rem; align-items: center; margin: 0.3rem 0; }
+  .track { background: #eee; border-radius: 4px; height: 1.1rem; overflow: hidden; }
+  .fill { background: #8ab; height: 100%; }
+  .bar-row.best .fill { background: #2a7; }
+  .pct { text-align: right; font-variant-numeric: tabular-nums; }
+</style>
+</head>
+<body>
+<h1>Which flower is it? <small>(daisy, dandelion, rose, sunflower or tulip)</small></h1>
+<label id="drop-zone" for="file">
+  Drop a photo here, or pick one (up to __LIMIT__)
+  <input id="file" type="file" accept="image/*">
+</label>
+<img id="preview" alt="the photo being classified">
+<p id="status"></p>
+<div id="error" role="alert"></div>
+<div id="result" hidden>
+  <div id="result-class"></div>
+  <div id="probabilities"></div>
+</div>
+<script>
+const MAX_BYTES = __MAX_BYTES__;  // shown to the user; the server enforces it
+const input = document.getElementById('file');
+const zone = document.getElementById('drop-zone');
+const preview = document.getElementById('preview');
+const statusLine = document.getElementById('status');
+const errorBox = document.getElementById('error');
+const result = document.getElementById('result');
+
+function showError(message) {
+  statusLine.textContent = '';
+  errorBox.textContent = message;
+}
+
+function showResult(data) {
+  document.getElementById('result-class').textContent = data['class'];
+  const bars = document.getElementById('probabilities');
+  bars.replaceChildren();
+  for (const [name, p] of Object.entries(data.probabilities)) {
+    const row = document.createElement('div');
+    row.className = 'bar-row' + (name === data['class'] ? ' best' : '');
+    row.dataset.class = name;
+    const label = document.createElement('span');
+    label.textContent = name;
+    const track = document.createElement('div');
+    track.className = 'track';
+    const fill = document.createElement('div');
+    fill.className = 'fill';
+    fill.style.width = (100 * p).toFixed(1) + '%';
+    track.appendChild(fill);
+    const pct = document.createElement('span');
+    pct.className = 'pct';
+    pct.textContent = (100 * p).toFixed(1) + '%';
+    row.append(label, track, pct);
+    bars.appendChild(row);
+  }
+  statusLine.textContent = '';
+  result.hidden = false;
+}
+
+async function classify(file) {
+  errorBox.textContent = '';
+  result.hidden = true;
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(file);
+  preview.style.display = file.type.startsWith('image/') ? 'block' : 'none';
+  statusLine.textContent = 'Classifying ' + file.name + '...';
+  const form = new FormData();
+  form.append('file', file, file.name);
+  let response;
+  try {
+    response = await fetch('predict', {method: 'POST', body: form});
+  } catch (err) {
+    // A server that refuses an oversized upload may close the connection before the browser reads its answer.
+    const hint = file.size > MAX_BYTES ? ' The file is larger than the limit of __LIMIT__.' : '';
+    showError('The upload failed: ' + err.message + '.' + hint);
+    return;
+  }
+  let data;
+  try {
+    data = await response.json();
+  } catch (err) {
+    showError('The server answered ' + response.status + ' ' + response.statusText + ' without a result.');
+    return;
+  }
+  if (!response.ok) {
+    showError(data.error || ('The server answered ' + response.status + '.'));
+    return;
+  }
+  showResult(data);
+}
+
+input.addEventListener('change', () => { if (input.files.length) classify(input.files[0]); });
+zone.addEventListener('dragover', (event) => { event.preventDefault(); zone.classList.add('over'); });
+zone.addEventListener('dragleave', () => zone.classList.remove('over'));
+zone.addEventListener('drop', (event) => {
+  event.preventDefault();
+  zone.classList.remove('over');
+  if (event.dataTransfer.files.length) classify(event.dataTransfer.files[0]);
+});
+</script>
+</body>
+</html>
+"""
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""The web demo (flowers_fastai/app.py): its JSON endpoint through Starlette's TestClient, the page end to end in
+headless Chromium driven by Selenium, the CLI's errors, and the loopback-only opt-out of the network block."""
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from flowers_fastai.labels import CLASSES
+
+from .conftest import EXAMPLES, REPO, NetworkBlocked
+
+SHIPPED_CNN = REPO / 'weights' / 'cnn_flowers.pth'
+CHROMIUM, CHROMEDRIVER = Path('/usr/bin/chromium'), Path('/usr/bin/chromedriver')
+LIMIT = 30 * 1024   # above four example photos (13-21 KB), below the sunflower (56 KB): one app shows both cases
+
+
+def true_classes() -> dict[Path, str]:
+    """Each example photo with its class, as examples/CREDITS.md records it."""
+    rows = re.findall(r'^\| `([^`]+\.jpg)` \| (\w+) \|', (EXAMPLES / 'CREDITS.md').read_text(), re.M)
+    assert len(rows) == 5
+    return {EXAMPLES / name: label for name, label in rows}
+
+
+def photo_of(label: str) -> Path:
+    return next(path for path, c in true_classes().items() if c == label)
+
+
+@pytest.fixture(scope='module')
+def shipped_cnn():
+    from flowers_fastai.submit import load_cnn_model
+    return load_cnn_model(SHIPPED_CNN)
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """An empty folder made tempfile's default for this test (the app's threads included): what is left shows."""
+    folder = tmp_path / 'tmp'
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, 'tempdir', str(folder))
+    return folder
+
+
+@pytest.fixture
+def work_dir(tmp_path, monkeypatch):
+    """An empty current directory: a relative write would land here."""
+    folder = tmp_path / 'cwd'
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    return folder
+
+
+@pytest.fixture
+def model_calls(monkeypatch):
+    """Spy on predict_proba as the app calls it: each call's path and the bytes that file held then."""
+    from flowers_fastai import app
+    calls = []
+
+    def spy(model, path):
+        calls.append((Path(path), Path(path).read_bytes() if Path(path).is_file() else None))
+        return real(model, path)
+    real = app.predict_proba
+    monkeypatch.setattr(app, 'predict_proba', spy)
+    return calls
+
+
+@contextlib.contextmanager
+def demo_client(model, **limits):
+    pytest.importorskip('starlette', reason='the web demo extra is not installed: pip install -e .[demo]')
+    from starlette.testclient import TestClient
+
+    from flowers_fastai.app import create_app
+    with TestClient(create_app(model, **limits)) as client:
+        yield client
+
+
+@pytest.fixture
+def client(shipped_cnn, private_tmp, work_dir, model_calls):
+    """The app around the shipped CNN, with a LIMIT small enough to test with the example photos."""
+    with demo_client(shipped_cnn, max_bytes=LIMIT) as client:
+        yield client
+
+
+def post_file(client, name: str, data: bytes, content_type: str = 'image/jpeg'):
+    return client.post('/predict', files={'file': (name, data, content_type)})
+
+
+def test_each_example_photo_gets_its_class_and_five_probabilities(shipped_cnn, private_tmp, work_dir, model_calls):
+    with demo_client(shipped_cnn) as client:   # the default 10 MB limit
+        responses = {photo: post_file(client, photo.name, photo.read_bytes()) for photo in true_classes()}
+    for (photo, label), (path_read, bytes_read) in zip(true_classes().items(), model_calls, strict=True):
+        response = responses[photo]
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body['class'] == label, photo.name
+        assert list(body['probabilities']) == CLASSES
+        assert sum(body['probabilities'].values()) == pytest.approx(1.0, abs=1e-5)
+        assert max(body['probabilities'], key=body['probabilities'].get) == label
+        # the model read the upload, byte for byte, from a folder inside the temp dir, gone after the answer
+        assert bytes_read == photo.read_bytes()
+        assert path_read.is_relative_to(private_tmp) and not path_read.exists()
+    assert list(private_tmp.iterdir()) == [] and list(work_dir.iterdir()) == []
+
+
+def test_a_text_file_is_refused_with_400_and_the_reason(client, private_tmp, work_dir):
+    response = post_file(client, 'notes.txt', b'these are not the pixels you are looking for\n', 'text/plain')
+    assert response.status_code == 400
+    error = response.json()['error']
+    assert 'notes.txt is not an image' in error
+    assert str(private_tmp) not in error   # the user sees their file's name, not the server's temp path
+    assert list(private_tmp.iterdir()) == [] and list(work_dir.iterdir()) == []
+
+
+def test_an_empty_file_and_a_form_without_a_file_are_400(client):
+    empty = post_file(client, 'empty.jpg', b'')
+    assert empty.status_code == 400 and 'empty.jpg is an empty file' in empty.json()['error']
+    no_file = client.post('/predict', files={'note': (None, b'hello')})   # a form field, no file
+    assert no_file.status_code == 400 and 'no file' in no_file.json()['error']
+    not_multipart = client.post('/predict', content=b'\xff\xd8\xff', headers={'content-type': 'image/jpeg'})
+    assert not_multipart.status_code == 400 and 'multipart/form-data' in not_multipart.json()['error']
+
+
+def test_an_upload_over_the_limit_is_refused_with_413_before_the_model_runs(client, private_tmp, model_calls):
+    sunflower = photo_of('sunflower')
+    assert sunflower.stat().st_size > LIMIT
+    response = post_file(client, sunflower.name, sunflower.read_bytes())
+    assert response.status_code == 413
+    assert response.json()['error'] == 'The file is too large: the limit is 30 KB.'
+    assert model_calls == [] and list(private_tmp.iterdir()) == []
+
+
+def test_a_streamed_upload_without_content_length_is_cut_off_at_the_limit(client, private_tmp, model_calls):
+    """No Content-Length to refuse on: the byte count while the body arrives stops it."""
+    boundary = 'flowersboundary'
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.jpg"\r\n'
+            'Content-Type: image/jpeg\r\n\r\n').encode()
+
+    def body():   # a generator: httpx sends it chunked, with no Content-Length; ten times the limit in all
+        yield head
+        for _ in range(10 * LIMIT // 1024):
+            yield b'\0' * 1024
+        yield f'\r\n--{boundary}--\r\n'.encode()
+    response = client.post('/predict', content=body(),
+                           headers={'content-type': f'multipart/form-data; boundary={boundary}'})
+    assert response.status_code == 413 and 'too large' in response.json()['error']
+    assert model_calls == [] and list(private_tmp.iterdir()) == []
+
+
+def test_a_file_of_exactly_the_limit_is_not_too_large(client):
+    response = post_file(client, 'noise.jpg', b'\1' * LIMIT)
+    assert response.status_code == 400 and 'noise.jpg is not an image' in response.json()['error']
+
+
+def test_the_page_has_the_controls_and_fetches_nothing_from_elsewhere(client):
+    response = client.get('/')
+    assert response.status_code == 200 and response.headers['content-type'].startswith('text/html')
+    page = response.text
+    for element_id in ('file', 'drop-zone', 'result-class', 'probabilities', 'error'):
+        assert f'id="{element_id}"' in page
+    assert 'up to 30 KB' in page
+    assert not re.search(r'(src|href)\s*=\s*["\']?(https?:)?//', page) and '@import' not in page
+
+
+def test_without_the_demo_extra_the_app_says_how_to_install_it(monkeypatch, capsys):
+    from flowers_fastai import app
+    monkeypatch.setitem(sys.modules, 'starlette', None)   # as if starlette were not installed
+    with pytest.raises(ImportError, match=re.escape('pip install -e .[demo]')):
+        app.create_app(model=None)
+    with pytest.raises(SystemExit, match=re.escape('pip install -e .[demo]')):
+        app.main([])
+
+
+def test_vit_and_ensemble_without_vit_weights_fail_with_a_clear_error(tmp_path, monkeypatch):
+    pytest.importorskip('starlette', reason='the web demo extra is not installed: pip install -e .[demo]')
+    from flowers_fastai import app
+    if (REPO / 'weights' / 'vit_flowers.pth').exists():
+        pytest.skip('a vit_flowers.pth is present in weights/')
+    monkeypatch.chdir(tmp_path)
+    for model in ('vit', 'ensemble'):
+        with pytest.raises(SystemExit, match=r'no ViT weights are shipped.*vit_flowers\.pth not found'):
+            app.main(['--model', model])
+    with pytest.raises(SystemExit, match='missing.pth not found'):
+        app.main(['--model', 'ensemble', '--vit-weights', str(tmp_path / 'missing.pth')])
+
+
+def test_the_rest_of_the_package_never_imports_the_app():
+    """Starlette and uvicorn are an optional extra: only `python -m flowers_fastai.app` may need them."""
+    importing_app = re.compile(r'from\s+\.\s*app\b|from\s+\.\s+import\s+[^\n]*\bapp\b|flowers_fastai\.app\b|'
+                               r'from\s+flowers_fastai\s+import\s+[^\n]*\bapp\b|\b(starlette|uvicorn)\b')
+    for module in (REPO / 'flowers_fastai').glob('*.py'):
+        if module.name != 'app.py':
+            assert not importing_app.search(module.read_text()), module.name
+
+
+@pytest.mark.loopback
+def test_the_loopback_marker_lets_through_this_machine_only():
+    with socket.create_server(('127.0.0.1', 0)) as server:
+        with socket.create_connection(server.getsockname()):
+            pass
+    assert socket.getaddrinfo('localhost', 80)
+    for host in ('192.0.2.1', '10.0.0.1', 'example.com'):
+        with pytest.raises(NetworkBlocked):
+            socket.create_connection((host, 80), timeout=1)
+        with pytest.raises(NetworkBlocked):
+            socket.getaddrinfo(host, 80)
+    with socket.socket() as sock, pytest.raises(NetworkBlocked):
+        sock.connect(('192.0.2.1', 80))
+
+
+def test_without_the_marker_even_loopback_is_blocked():
+    with socket.create_server(('127.0.0.1', 0)) as server:
+        with pytest.raises(NetworkBlocked):
+            socket.create_connection(server.getsockname())
+        with socket.socket() as sock, pytest.raises(NetworkBlocked):
+            sock.connect(server.getsockname())
+    with pytest.raises(NetworkBlocked):
+        socket.getaddrinfo('localhost', 80)
+
+
+# --- end to end: the real server, the real page, a real browser -------------------------------------------------
+
+@contextlib.contextmanager
+def served(app):
+    """`app` under uvicorn in a background thread, on a free port of 127.0.0.1; yields its URL."""
+    import uvicorn
+    sock = socket.socket()
+    sock.bind(('127.0.0.1', 0))   # the port is ours before the server starts: no race for a free one
+    server = uvicorn.Server(uvicorn.Config(app, log_level='warning'))
+    thread = threading.Thread(target=server.run, kwargs={'sockets': [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, 'uvicorn did not start'
+        time.sleep(0.05)
+    try:
+        yield f'http://127.0.0.1:{sock.getsockname()[1]}/'
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@contextlib.contextmanager
+def headless_chromium(profile_dir: Path):
+    """Debian's Chromium through its chromedriver, with explicit paths so Selenium Manager never downloads."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--disable-quic',
+                 '--no-first-run', '--disable-background-networking', '--disable-component-update',
+                 '--disable-sync', f'--user-data-dir={profile_dir}'):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    try:
+        yield browser
+    finally:
+        browser.quit()
+
+
+@pytest.mark.loopback
+def test_the_page_in_headless_chromium_shows_the_class_the_bars_and_the_errors(shipped_cnn, private_tmp, tmp_path):
+    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
+    if missing:
+        pytest.skip(f'no browser for the end-to-end test: {", ".join(missing)} absent '
+                    '(apt-get install chromium chromium-driver)')
+    pytest.importorskip('selenium', reason='selenium is not installed: pip install -e .[test]')
+    pytest.importorskip('uvicorn', reason='the web demo extra is not installed: pip install -e .[demo]')
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from flowers_fastai.app import create_app
+    text_file = tmp_path / 'notes.txt'
+    text_file.write_text('not a photo\n')
+    with served(create_app(shipped_cnn, max_bytes=LIMIT)) as url, \
+            headless_chromium(tmp_path / 'chromium-profile') as browser:
+        browser.get(url)
+        file_input = browser.find_element(By.ID, 'file')
+
+        def upload(path: Path) -> str:
+            """Pick `path` in the file input; what the page then shows: the class, else the error."""
+            browser.execute_script("document.getElementById('result').hidden = true;"   # no stale answer
+                                   "document.getElementById('error').textContent = '';")
+            file_input.send_keys(str(path.resolve()))
+            WebDriverWait(browser, 120).until(
+                lambda b: b.find_element(By.ID, 'result-class').text or b.find_element(By.ID, 'error').text)
+            return browser.find_element(By.ID, 'result-class').text or browser.find_element(By.ID, 'error').text
+
+        rose = photo_of('rose')
+        assert upload(rose) == 'rose'
+        rows = browser.find_elements(By.CSS_SELECTOR, '#probabilities .bar-row')
+        assert [row.get_attribute('data-class') for row in rows] == CLASSES
+        percents = [float(row.find_element(By.CLASS_NAME, 'pct').text.rstrip('%')) for row in rows]
+        assert sum(percents) == pytest.approx(100, abs=0.5) and max(percents) == percents[CLASSES.index('rose')]
+
+        assert 'notes.txt is not an image' in upload(text_file)
+        assert upload(photo_of('sunflower')) == 'The file is too large: the limit is 30 KB.'
+        assert upload(photo_of('daisy')) == 'daisy'   # the page recovers after errors
+    assert list(private_tmp.iterdir()) == []
