@@ -36,7 +36,7 @@ from torch import nn
 from .architectures import (CONVNEXTV2_SIZES, NUM_CLASSES, family_of, infer_clip_spec, infer_cnn_arch,
                             load_exactly)
 from .inference import Ensemble, as_dict, load_image, probabilities
-from .inference_nets import ClipViTClassifier, ConvNeXtV2
+from .inference_nets import ClipViTClassifier, ConvNeXtV2, pack_for_cpu
 from .labels import CLASSES
 from .preprocess import Preprocessing, cnn_preprocessing, load_for_model, vit_preprocessing
 
@@ -119,6 +119,7 @@ def _temperature(sidecar: dict, path: Path) -> float:
 def _ready(model: nn.Module, family: str, preprocessing: Preprocessing, temperature: float) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
+    model = pack_for_cpu(model)              # linear weights packed once for oneDNN (a cache; state_dict unchanged)
     model.flowers_family = family            # what `predict` needs to prepare an image for this model
     model.flowers_preprocessing = preprocessing
     model.flowers_temperature = temperature  # calibration: probabilities = softmax(logits / T)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flowers_fastai.architectures import CONVNEXTV2_SIZES, ClipClassifier, ClipTowerSpec, build_cnn
-from flowers_fastai.inference_nets import ClipViTClassifier, ConvNeXtV2
+from flowers_fastai.inference_nets import ClipViTClassifier, ConvNeXtV2, pack_for_cpu
 
 
 def _randomize(model):
@@ -23,9 +23,12 @@ def _same_outputs(reference, fast, x):
     state = reference.state_dict()
     assert [(k, v.shape) for k, v in fast.state_dict().items()] == [(k, v.shape) for k, v in state.items()]
     fast.load_state_dict(state, strict=True)
-    with torch.inference_mode():      # oneDNN path
+    with torch.inference_mode():      # oneDNN path, then with packed weights (what submit serves)
         expected = reference(x)
         torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-4)
+        packed = pack_for_cpu(fast)
+        torch.testing.assert_close(packed(x), expected, atol=1e-5, rtol=1e-4)
+        assert sorted(packed.state_dict()) == sorted(state)   # packing is a cache, not state
     with torch.enable_grad():         # autograd: plain F.linear path, gradients flow
         out = fast(x.requires_grad_())
         torch.testing.assert_close(out.detach(), expected, atol=1e-5, rtol=1e-4)
@@ -45,3 +48,22 @@ def test_clip_tower_matches_open_clip(quick_gelu):
                          quick_gelu=quick_gelu)
     reference = _randomize(ClipClassifier(spec)).eval()
     _same_outputs(reference, ClipViTClassifier(spec).eval(), torch.randn(2, 3, 32, 32))
+
+
+def test_packed_weights_follow_a_change_of_the_parameters():
+    reference = _randomize(build_cnn('convnextv2_atto')).eval()
+    fast = ConvNeXtV2(*CONVNEXTV2_SIZES['atto']).eval()
+    fast.load_state_dict(reference.state_dict())
+    fast = pack_for_cpu(fast)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        before = fast(x)
+    with torch.no_grad():   # in place, and by loading another state_dict: both must reach the packed copies
+        fast.stages[3].blocks[1].mlp.fc2.weight.mul_(3.0)
+        reference.stages[3].blocks[1].mlp.fc2.weight.mul_(3.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), reference(x), atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(fast(x), before, atol=1e-4)
+    fast.load_state_dict(_randomize(build_cnn('convnextv2_atto')).state_dict())
+    with torch.inference_mode():
+        assert not torch.allclose(fast(x), reference(x), atol=1e-4)

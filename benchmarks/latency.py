@@ -1,0 +1,177 @@
+"""CPU latency of `submit.predict` against its FLOP floor, cold start, and batch-prediction throughput.
+
+    python benchmarks/latency.py                 # convnextv2_tiny (224) and CLIP ViT-L/14 (224), random init
+    python benchmarks/latency.py --models cnn    # the CNN only (about 1 min)
+
+Everything is measured in this one run, on this machine:
+- peak: the best fp32 matmul rate this process reaches (MKL through `torch.mm` and oneDNN, 2048-4096 squares);
+- floor = FLOPs of one prediction / peak. FLOPs: the convolutions and matmuls counted by torch's FlopCounterMode
+  on the network's plain (autograd) path, plus attention's two L x L products per block (4 L^2 d), which the
+  counter does not see on CPU;
+- latency: median wall time of `predict(model, path)` over the example photos, image path to class, decoding
+  and preprocessing included, batch 1, after two warm-up calls;
+- cold start: a fresh interpreter that has imported torch, timed from there through `import submit`,
+  `load_*_model` and the first `predict`;
+- batch: `inference.predict_files` (decoding included) vs the model alone on ready tensors, same batch size.
+Random initialisation: speed does not depend on the weights' values. Targets (issue 4): CNN <= 1.5x its floor
+and cold start <= 2 s; ViT-L/14 <= 1.15x and cold start <= 8 s; batch throughput within 10 % of the model's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from flowers_fastai.architectures import CONVNEXTV2_SIZES, ClipTowerSpec  # noqa: E402
+from flowers_fastai.inference import predict_files, probabilities  # noqa: E402
+from flowers_fastai.inference_nets import ClipViTClassifier, ConvNeXtV2, linear  # noqa: E402
+from flowers_fastai.preprocess import open_image  # noqa: E402
+
+PHOTOS = sorted((REPO / 'examples').glob('*.jpg'))
+TARGETS = {'cnn': (1.5, 2.0), 'vit': (1.15, 8.0)}
+
+
+def matmul_peak() -> float:
+    """FLOP/s of the fastest fp32 matmul this process runs: the ceiling for the floor."""
+    best = 0.0
+    with torch.inference_mode():
+        for n in (2048, 3072, 4096):
+            a, b = torch.randn(n, n), torch.randn(n, n)
+            for name, f in (('mkl', lambda: a @ b), ('onednn', lambda: linear(a, b, None))):
+                f()
+                times = []
+                for _ in range(5):
+                    t = time.perf_counter()
+                    f()
+                    times.append(time.perf_counter() - t)
+                best = max(best, 2 * n ** 3 / min(times))
+    return best
+
+
+def count_flops(model: torch.nn.Module, size: int, attention: tuple[int, int, int] | None) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(1, 3, size, size)
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:   # the F.linear path: counted
+        model(x)
+    flops = counter.get_total_flops()
+    if attention:   # blocks, tokens, width: Q K^T and attention x V, 2 L^2 d multiply-adds each per block
+        blocks, tokens, width = attention
+        flops += blocks * 4 * tokens ** 2 * width
+    return float(flops)
+
+
+def make_weights(family: str, folder: Path) -> tuple[Path, torch.nn.Module, int, tuple | None]:
+    torch.manual_seed(0)
+    if family == 'cnn':
+        model, size, attention = ConvNeXtV2(*CONVNEXTV2_SIZES['tiny']), 224, None
+        sidecar = {'family': 'cnn', 'image_size': size}
+    else:
+        spec = ClipTowerSpec()   # ViT-L/14, 224 px, QuickGELU (OpenAI)
+        model, size = ClipViTClassifier(spec), spec.image_size
+        attention = (spec.layers, (spec.image_size // spec.patch_size) ** 2 + 1, spec.width)
+        sidecar = {'family': 'vit', 'quick_gelu': True, 'head_width': spec.head_width}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    path = folder / f'{family}_flowers.pth'
+    torch.save(model.state_dict(), path)
+    path.with_suffix('.json').write_text(json.dumps(sidecar))
+    return path, model.eval(), size, attention
+
+
+COLD = """
+import sys, time, torch
+t0 = time.perf_counter()
+from flowers_fastai.submit import load_cnn_model, load_vit_model, predict
+model = (load_cnn_model if sys.argv[1] == 'cnn' else load_vit_model)(sys.argv[2])
+predict(model, sys.argv[3])
+print(time.perf_counter() - t0)
+"""
+
+
+def cold_start(family: str, weights: Path, runs: int = 3) -> float:
+    """Median over fresh interpreters (the weights file is in the page cache after the first run)."""
+    times = [float(subprocess.run([sys.executable, '-c', COLD, family, str(weights), str(PHOTOS[0])], cwd=REPO,
+                                  capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+             for _ in range(runs)]
+    return statistics.median(times)
+
+
+def latency(model, runs: int) -> float:
+    from flowers_fastai.submit import predict
+    for photo in PHOTOS[:2]:
+        predict(model, photo)
+    times = []
+    for i in range(runs):
+        t = time.perf_counter()
+        predict(model, PHOTOS[i % len(PHOTOS)])
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def batch_throughput(model, batch_size: int, n_images: int) -> tuple[float, float]:
+    """Images/s of predict_files (decode + preprocess + model) and of the model alone on ready tensors."""
+    paths = [PHOTOS[i % len(PHOTOS)] for i in range(n_images)]
+    images = [open_image(p) for p in paths[:batch_size]]
+    probabilities(model, images)                          # warm-up at this batch size
+    t = time.perf_counter()
+    for start in range(0, n_images, batch_size):
+        probabilities(model, images[:min(batch_size, n_images - start)])
+    model_only = n_images / (time.perf_counter() - t)
+    list(predict_files(model, paths[:batch_size], batch_size=batch_size))
+    t = time.perf_counter()
+    results = list(predict_files(model, paths, batch_size=batch_size))
+    end_to_end = n_images / (time.perf_counter() - t)
+    assert all(r.error is None for r in results)
+    return end_to_end, model_only
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', choices=['cnn', 'vit'], default=['cnn', 'vit'])
+    parser.add_argument('--runs', type=int, default=0, help='timed predictions per model (default: 30 CNN, 8 ViT)')
+    args = parser.parse_args(argv)
+    from flowers_fastai.submit import load_cnn_model, load_vit_model
+    print(f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}')
+    peak = matmul_peak()
+    print(f'fp32 matmul peak: {peak / 1e9:.0f} GFLOP/s')
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in args.models:
+            weights, reference, size, attention = make_weights(family, Path(tmp))
+            flops = count_flops(reference, size, attention)
+            del reference
+            model = (load_cnn_model if family == 'cnn' else load_vit_model)(weights)
+            floor = flops / peak
+            ms = latency(model, args.runs or (30 if family == 'cnn' else 8))
+            cold = cold_start(family, weights)
+            batch = 16 if family == 'cnn' else 4
+            e2e, alone = batch_throughput(model, batch, 4 * batch)
+            ratio_target, cold_target = TARGETS[family]
+            rows.append(dict(model='convnextv2_tiny 224' if family == 'cnn' else 'CLIP ViT-L/14 224', gflops=flops / 1e9,
+                             floor_ms=floor * 1e3, ms=ms * 1e3, ratio=ms / floor, ratio_target=ratio_target,
+                             cold_s=cold, cold_target=cold_target, batch=batch, batch_img_s=e2e, model_img_s=alone))
+            del model
+    print(f'\n| model | GFLOP | floor (ms) | predict (ms) | ratio (target) | cold start s (target) '
+          f'| batch | predict_files img/s | model alone img/s | share |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
+    for r in rows:
+        print(f"| {r['model']} | {r['gflops']:.2f} | {r['floor_ms']:.1f} | {r['ms']:.1f} | "
+              f"{r['ratio']:.2f}x (<= {r['ratio_target']}) | {r['cold_s']:.2f} (<= {r['cold_target']:.0f}) | "
+              f"{r['batch']} | {r['batch_img_s']:.2f} | {r['model_img_s']:.2f} | {r['batch_img_s'] / r['model_img_s']:.1%} |")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
