@@ -4,11 +4,14 @@
     python export.py --run runs/cnn-...   # one run -> weights/<family>_flowers.pth
     python export.py --family cnn --half  # fp16 file (half the size; submit upcasts to fp32)
 
-Each file gets a JSON sidecar (<name>.json) with the input size and the CLIP activation, which tensors cannot tell.
+Each file gets a JSON sidecar (<name>.json) with the input size and the CLIP activation, which tensors cannot tell,
+and the calibration temperature fitted on the run's validation photos (ECE before/after printed and stored there;
+reliability diagram: <run>/reliability.png).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -24,6 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument('--runs', type=Path, default=Path('runs'), help='where to look for runs (default: %(default)s)')
     parser.add_argument('--out', type=Path, help='output file (default: weights/<family>_flowers.pth); needs one run')
     parser.add_argument('--half', action='store_true', help='store fp16 tensors (submit upcasts them to fp32)')
+    parser.add_argument('--no-calibrate', action='store_true',
+                        help='skip temperature scaling on the validation photos (temperature stays 1.0)')
     args = parser.parse_args(argv)
 
     if args.run:
@@ -38,8 +43,13 @@ def main(argv=None) -> int:
     for run in runs:
         family = run_config(run)['recipe']['family']
         out = args.out or ROOT / 'weights' / f'{family}_flowers.pth'
-        export_run(run, out, half=args.half)
+        export_run(run, out, half=args.half, calibrated=not args.no_calibrate)
         print(f'{run} -> {out} (+ {out.with_suffix(".json").name})')
+        calibration = json.loads(out.with_suffix('.json').read_text()).get('calibration')
+        if calibration:
+            print(f'  calibration on {calibration["n_valid"]} validation photos: T = {calibration["temperature"]:.3f}, '
+                  f'ECE {calibration["ece_before"]:.4f} -> {calibration["ece_after"]:.4f}, '
+                  f'NLL {calibration["nll_before"]:.4f} -> {calibration["nll_after"]:.4f}')
     return 0
 
 

@@ -1,6 +1,8 @@
-"""A run's best weights -> the raw state_dict file (+ JSON sidecar) that `submit` loads."""
+"""A run's best weights -> the raw state_dict file (+ JSON sidecar) that `submit` loads, calibrated on the run's
+validation split (temperature scaling, stored in the sidecar)."""
 from __future__ import annotations
 
+import csv
 import json
 from datetime import date
 from pathlib import Path
@@ -10,7 +12,10 @@ import torch
 from .architectures import ClipClassifier, ClipTowerSpec, build_cnn, load_exactly
 from .lora import apply_lora, has_lora, merge_lora
 
+from .labels import CLASSES
+
 FAMILIES = ('cnn', 'vit')
+VALID_ITEMS = 'valid_items.csv'   # the run's validation photos (path, label), written by training
 
 
 def resolve_run(run_dir: Path) -> Path:
@@ -34,12 +39,65 @@ def latest_run(runs_dir: Path, family: str) -> Path | None:
     return max(finished, key=finished.get, default=None)
 
 
-def export_run(run_dir: str | Path, out: str | Path, half: bool = False) -> Path:
+def rebuild_split(config: dict):
+    """The run's photos and its split, rebuilt from config.json the way training made them: (items,
+    train_idx, valid_idx, audit). For runs that predate `valid_items.csv`, and for leak checks."""
+    from .audit import audit_items
+    from .data import grouped_stratified_split, scan_image_folder, stratified_split
+    recipe, split = config['recipe'], config.get('split', 'stratified')
+    items = scan_image_folder(config['data']).items
+    audit = audit_items(items)
+    if split == 'grouped':
+        kept = audit.kept()
+        labels = [items[i][1] for i in kept]
+        train_idx, valid_idx = grouped_stratified_split(labels, audit.group[kept], recipe['valid_pct'], recipe['seed'])
+        train_idx, valid_idx = [kept[i] for i in train_idx], [kept[i] for i in valid_idx]
+    else:
+        train_idx, valid_idx = stratified_split([label for _, label in items], recipe['valid_pct'], recipe['seed'])
+    return items, train_idx, valid_idx, audit
+
+
+def validation_items(run_dir: Path) -> list[tuple[Path, str]]:
+    """The run's validation photos: `valid_items.csv` (written by training), else the rebuilt split."""
+    listed = Path(run_dir) / VALID_ITEMS
+    if listed.is_file():
+        with listed.open(newline='') as f:
+            return [(Path(row['path']), row['label']) for row in csv.DictReader(f)]
+    items, _, valid_idx, _ = rebuild_split(run_config(run_dir))
+    return [items[i] for i in valid_idx]
+
+
+def calibrate(weights: Path, items: list[tuple[Path, str]], report_dir: Path) -> dict:
+    """Temperature scaling of the exported file on `items` (through `submit`, as users will run it): the fitted
+    T, NLL and expected calibration error before/after, and a reliability diagram PNG in `report_dir`."""
+    from .calibration import expected_calibration_error, fit_temperature, reliability_diagram, temperature_nll
+    from .evaluate import load_model
+    from .inference import predict_files
+    model = load_model([weights])
+    results = [r for r in predict_files(model, [p for p, _ in items], batch_size=32)]
+    kept = [(r, label) for r, (_, label) in zip(results, items) if r.error is None]
+    if not kept:
+        raise ValueError('no validation photo could be read: nothing to calibrate on')
+    probs = torch.tensor([[r.probabilities[c] for c in CLASSES] for r, _ in kept], dtype=torch.float64)
+    labels = torch.tensor([CLASSES.index(label) for _, label in kept])
+    logits = probs.clamp_min(1e-300).log()    # = logits - logsumexp per row: same softmax at every T
+    t = fit_temperature(logits, labels)
+    calibrated = (logits / t).softmax(-1)
+    diagram = reliability_diagram(probs, calibrated, labels, Path(report_dir) / 'reliability.png',
+                                  title=f'{weights.name}: validation split, T = {t:.3f}')
+    return {'temperature': t, 'n_valid': len(kept), 'nll_before': temperature_nll(logits, labels, 1.0),
+            'nll_after': temperature_nll(logits, labels, t), 'ece_before': expected_calibration_error(probs, labels),
+            'ece_after': expected_calibration_error(calibrated, labels), 'reliability_diagram': str(diagram)}
+
+
+def export_run(run_dir: str | Path, out: str | Path, half: bool = False, calibrated: bool = True) -> Path:
     """Write `run_dir`'s models/best.pth (a seeds experiment: its best seed's) as a raw state_dict at `out`
     (fp16 with `half`), plus `out`.json.
 
     The weights are first loaded into the network `submit` builds, every key checked, so that an export
-    that `submit` could not load fails here and not on the user's machine.
+    that `submit` could not load fails here and not on the user's machine. With `calibrated`, a temperature
+    is fitted on the run's validation photos (see `calibrate`) and stored in the sidecar as `temperature`
+    (with the calibration numbers under `calibration`); `submit.predict_proba` divides the logits by it.
     """
     run_dir, out = resolve_run(run_dir), Path(out)
     config = run_config(run_dir)
@@ -75,4 +133,13 @@ def export_run(run_dir: str | Path, out: str | Path, half: bool = False) -> Path
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state_dict, out)
     out.with_suffix('.json').write_text(json.dumps(sidecar, indent=2) + '\n')
+    if calibrated:
+        try:
+            report = calibrate(out, validation_items(run_dir), run_dir)
+        except (OSError, ValueError) as err:   # e.g. exported on a machine without the training photos
+            print(f'warning: {out.name} is not calibrated (temperature 1.0): its validation photos cannot be '
+                  f'read ({err}); export with the data present, or pass --no-calibrate to silence this')
+        else:
+            sidecar.update(temperature=report['temperature'], calibration=report)
+            out.with_suffix('.json').write_text(json.dumps(sidecar, indent=2) + '\n')
     return out

@@ -220,6 +220,8 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
     main_process = rank_distrib() == 0   # under `accelerate launch`, only the main process writes files
     if not resume and main_process:
         (run_dir / 'config.json').write_text(json.dumps(config, indent=2))
+        # the validation photos, for export-time calibration and later re-scoring
+        learn.dls.valid_ds.items[['path', 'label']].to_csv(run_dir / 'valid_items.csv', index=False)
 
     state = json.loads(state_path.read_text()) if resume else {'phase': 0, 'epoch': -1, 'best': None}
     tracker = BestCheckpoint(best=state['best'])

@@ -17,8 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flowers_fastai.audit import audit_items  # noqa: E402
-from flowers_fastai.data import grouped_stratified_split, scan_image_folder, stratified_split  # noqa: E402
+from flowers_fastai.exporting import rebuild_split  # noqa: E402
 from flowers_fastai.labels import CLASSES  # noqa: E402
 from flowers_fastai.submit import load_cnn_model, load_vit_model, predict  # noqa: E402
 
@@ -31,15 +30,7 @@ def main(argv=None) -> int:
 
     config = json.loads((args.run / 'config.json').read_text())
     recipe, split = config['recipe'], config.get('split', 'stratified')
-    items = scan_image_folder(config['data']).items
-    audit = audit_items(items)
-    if split == 'grouped':
-        kept = audit.kept()
-        labels = [items[i][1] for i in kept]
-        train_idx, valid_idx = grouped_stratified_split(labels, audit.group[kept], recipe['valid_pct'], recipe['seed'])
-        train_idx, valid_idx = [kept[i] for i in train_idx], [kept[i] for i in valid_idx]
-    else:
-        train_idx, valid_idx = stratified_split([label for _, label in items], recipe['valid_pct'], recipe['seed'])
+    items, train_idx, valid_idx, audit = rebuild_split(config)
 
     model = (load_cnn_model if recipe['family'] == 'cnn' else load_vit_model)(args.weights)
     trained_groups = {audit.group[i] for i in train_idx}

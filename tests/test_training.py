@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -318,3 +320,29 @@ def test_accelerate_launch_trains_data_parallel_on_two_cpu_processes(colour_fold
     metrics = json.loads((tmp_path / 'ddp' / 'metrics.json').read_text())
     assert metrics['n_valid'] == 15                                        # the exact validation set, no padding
     assert load_cnn_model(export_run(tmp_path / 'ddp', tmp_path / 'cnn.pth'))
+
+
+def test_export_calibrates_on_the_runs_validation_photos(colour_folder, tmp_path, capsys):
+    from flowers_fastai.calibration import fit_temperature
+    run = tmp_path / 'run'
+    learn = train(TINY_CNN.override(epochs=3), colour_folder, run, pretrained=False)
+    listed = pd.read_csv(run / 'valid_items.csv')
+    assert set(listed.path) == set(map(str, learn.dls.valid_ds.items.path)) and len(listed) == 15
+    out = export_run(run, tmp_path / 'cnn_flowers.pth')
+    sidecar = json.loads(out.with_suffix('.json').read_text())
+    t, report = sidecar['temperature'], sidecar['calibration']
+    assert report['n_valid'] == 15 and (run / 'reliability.png').stat().st_size > 0
+    # the stored T is the NLL-optimal temperature of the learner's own validation logits
+    logits, targets = learn.get_preds(ds_idx=1, act=lambda x: x)
+    assert t == pytest.approx(fit_temperature(logits, targets), rel=1e-3)
+    assert report['nll_after'] <= report['nll_before'] + 1e-9
+    model = load_cnn_model(out)
+    assert model.flowers_temperature == t
+    plain = export_run(run, tmp_path / 'plain.pth', calibrated=False)
+    assert 'temperature' not in json.loads(plain.with_suffix('.json').read_text())
+    # without the photos (another machine), the export still works, uncalibrated, and says so
+    listed.assign(path=[str(tmp_path / 'gone' / Path(p).name) for p in listed.path]).to_csv(
+        run / 'valid_items.csv', index=False)
+    elsewhere = export_run(run, tmp_path / 'elsewhere.pth')
+    assert 'temperature' not in json.loads(elsewhere.with_suffix('.json').read_text())
+    assert 'not calibrated' in capsys.readouterr().out
