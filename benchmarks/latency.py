@@ -12,7 +12,8 @@ Everything is measured in this one run, on this machine:
   and preprocessing included, batch 1, after two warm-up calls;
 - cold start: a fresh interpreter that has imported torch, timed from there through `import submit`,
   `load_*_model` and the first `predict`;
-- batch: `inference.predict_files` (decoding included) vs the model alone on ready tensors, same batch size.
+- batch: `inference.predict_files` (decoding included) vs the model alone on ready tensors, same batch size,
+  alternated 3 times (medians).
 Random initialisation: speed does not depend on the weights' values. Targets (issue 4): CNN <= 1.5x its floor
 and cold start <= 2 s; ViT-L/14 <= 1.15x and cold start <= 8 s; batch throughput within 10 % of the model's.
 """
@@ -34,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from flowers_fastai.architectures import CONVNEXTV2_SIZES, ClipTowerSpec  # noqa: E402
-from flowers_fastai.inference import predict_files, probabilities  # noqa: E402
+from flowers_fastai.inference import image_tensor, predict_files  # noqa: E402
 from flowers_fastai.inference_nets import ClipViTClassifier, ConvNeXtV2, linear  # noqa: E402
 from flowers_fastai.preprocess import open_image  # noqa: E402
 
@@ -120,27 +121,34 @@ def latency(model, runs: int) -> float:
     return statistics.median(times)
 
 
-def batch_throughput(model, batch_size: int, n_images: int) -> tuple[float, float]:
-    """Images/s of predict_files (decode + preprocess + model) and of the model alone on ready tensors."""
+def batch_throughput(model, batch_size: int, n_images: int, rounds: int = 3) -> tuple[float, float]:
+    """Images/s of predict_files (decode + preprocess + model) and of the model alone on ready tensors at the
+    same batch size: the two alternate `rounds` times and each keeps its median, so that a slow spell of the
+    machine does not land on one side only."""
     paths = [PHOTOS[i % len(PHOTOS)] for i in range(n_images)]
-    images = [open_image(p) for p in paths[:batch_size]]
-    probabilities(model, images)                          # warm-up at this batch size
-    t = time.perf_counter()
-    for start in range(0, n_images, batch_size):
-        probabilities(model, images[:min(batch_size, n_images - start)])
-    model_only = n_images / (time.perf_counter() - t)
+    pp = model.flowers_preprocessing
+    batch = torch.cat([image_tensor(open_image(p), pp) for p in paths[:batch_size]])
+    with torch.inference_mode():
+        model(batch)                                      # warm-up at this batch size
     list(predict_files(model, paths[:batch_size], batch_size=batch_size))
-    t = time.perf_counter()
-    results = list(predict_files(model, paths, batch_size=batch_size))
-    end_to_end = n_images / (time.perf_counter() - t)
-    assert all(r.error is None for r in results)
-    return end_to_end, model_only
+    alone, end_to_end = [], []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(0, n_images, batch_size):
+                model(batch)
+        alone.append(n_images / (time.perf_counter() - t))
+        t = time.perf_counter()
+        results = list(predict_files(model, paths, batch_size=batch_size))
+        end_to_end.append(n_images / (time.perf_counter() - t))
+        assert all(r.error is None for r in results)
+    return statistics.median(end_to_end), statistics.median(alone)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', choices=['cnn', 'vit'], default=['cnn', 'vit'])
-    parser.add_argument('--runs', type=int, default=0, help='timed predictions per model (default: 30 CNN, 8 ViT)')
+    parser.add_argument('--runs', type=int, default=0, help='timed predictions per model (default: 60 CNN, 12 ViT)')
     args = parser.parse_args(argv)
     from flowers_fastai.submit import load_cnn_model, load_vit_model
     print(f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}')
@@ -154,7 +162,7 @@ def main(argv=None) -> int:
             del reference
             model = (load_cnn_model if family == 'cnn' else load_vit_model)(weights)
             floor = flops / peak
-            ms = latency(model, args.runs or (30 if family == 'cnn' else 8))
+            ms = latency(model, args.runs or (60 if family == 'cnn' else 12))
             cold = cold_start(family, weights)
             batch = 16 if family == 'cnn' else 4
             e2e, alone = batch_throughput(model, batch, 4 * batch)
@@ -164,7 +172,7 @@ def main(argv=None) -> int:
                              cold_s=cold, cold_target=cold_target, batch=batch, batch_img_s=e2e, model_img_s=alone))
             del model
     print(f'\n| model | GFLOP | floor (ms) | predict (ms) | ratio (target) | cold start s (target) '
-          f'| batch | predict_files img/s | model alone img/s | share |')
+          '| batch | predict_files img/s | model alone img/s | share |')
     print('|---|---|---|---|---|---|---|---|---|---|')
     for r in rows:
         print(f"| {r['model']} | {r['gflops']:.2f} | {r['floor_ms']:.1f} | {r['ms']:.1f} | "

@@ -18,7 +18,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .labels import CLASSES
 from .submit import load_cnn_model, load_ensemble, load_vit_model, predict_proba
 
 DEFAULT_MAX_MB = 10

@@ -72,7 +72,8 @@ def tta_views(img: Image.Image, pp: Preprocessing) -> list[Image.Image]:
     return crops + [crop.transpose(Image.FLIP_LEFT_RIGHT) for crop in crops]
 
 
-def _inputs(img: Image.Image, pp: Preprocessing, tta: bool) -> torch.Tensor:
+def image_tensor(img: Image.Image, pp: Preprocessing, tta: bool = False) -> torch.Tensor:
+    """The model input of one decoded photo: 1 x 3 x S x S, or its 6 TTA views (6 x 3 x S x S)."""
     views = tta_views(img, pp) if tta else [resize_center_crop(img, pp)]
     return torch.cat([to_normalized_tensor(view, pp) for view in views])
 
@@ -84,7 +85,7 @@ def probabilities(model: nn.Module, images: list[Image.Image], tta: bool = False
     per_member = []
     for member in members(model):
         pp = member.flowers_preprocessing
-        x = torch.cat([_inputs(img, pp, tta) for img in images])
+        x = torch.cat([image_tensor(img, pp, tta) for img in images])
         p = calibrated_softmax(member, member(x))
         per_member.append(p.view(len(images), -1, len(CLASSES)).mean(1))
     return torch.stack(per_member).mean(0)
