@@ -171,7 +171,7 @@ def main(argv=None) -> int:
                              floor_ms=floor * 1e3, ms=ms * 1e3, ratio=ms / floor, ratio_target=ratio_target,
                              cold_s=cold, cold_target=cold_target, batch=batch, batch_img_s=e2e, model_img_s=alone))
             del model
-    print(f'\n| model | GFLOP | floor (ms) | predict (ms) | ratio (target) | cold start s (target) '
+    print('\n| model | GFLOP | floor (ms) | predict (ms) | ratio (target) | cold start s (target) '
           '| batch | predict_files img/s | model alone img/s | share |')
     print('|---|---|---|---|---|---|---|---|---|---|')
     for r in rows:
