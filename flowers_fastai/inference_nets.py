@@ -13,6 +13,10 @@ Why hand-written (timm and open_clip build the same networks for training):
 """
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,9 +72,38 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
     return y if act is None else F.gelu(y) if act == 'gelu' else F.silu(y)
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory in the process rather than hand it back to the OS at once.
+
+    Every forward pass allocates and frees the same few-MB activations. By default glibc serves blocks that big
+    with mmap, or trims them off the heap when freed, so each pass page-faults them in again: measured here,
+    ~2,700 page faults per ConvNeXt V2 tiny prediction, 0.3 with this (benchmarks/latency.py prints the count).
+    Raising glibc's mmap threshold (to its 32 MiB maximum) and trim threshold keeps them mapped; this is what
+    PyTorch's CPU performance guides get from jemalloc/tcmalloc. The cost: the process keeps its peak heap (tens
+    of MB for the CNN, a few hundred for ViT-L/14). Process-wide, so applied once, on Linux/glibc only;
+    FLOWERS_KEEP_MALLOC=1 in the environment opts out. Returns whether it applied."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED is None:
+        _MALLOC_TUNED = False
+        if sys.platform.startswith('linux') and os.environ.get('FLOWERS_KEEP_MALLOC') != '1':
+            try:
+                libc = ctypes.CDLL('libc.so.6')
+                m_trim_threshold, m_mmap_threshold = -1, -3   # glibc's mallopt parameter numbers
+                _MALLOC_TUNED = bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)
+                                     and libc.mallopt(m_trim_threshold, 2**30))
+            except (OSError, AttributeError):   # no glibc (musl, ...): nothing to tune
+                pass
+    return _MALLOC_TUNED
+
+
+_MALLOC_TUNED = None
+
+
 def pack_for_cpu(model: nn.Module) -> nn.Module:
-    """Pack every linear weight of an inference network for oneDNN (once, at load time), and put its
-    convolution weights in channels-last order. The outputs do not change; the state_dict neither."""
+    """Pack every linear weight of an inference network for oneDNN (once, at load time), put its convolution
+    weights in channels-last order, and keep freed activation memory mapped (`keep_freed_memory`). The
+    outputs do not change; the state_dict neither."""
+    keep_freed_memory()
     if isinstance(model, ConvNeXtV2):
         with torch.inference_mode(False):   # even when loaded under inference_mode: keep normal parameters
             model = model.to(memory_format=torch.channels_last)

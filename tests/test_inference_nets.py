@@ -67,3 +67,24 @@ def test_packed_weights_follow_a_change_of_the_parameters():
     fast.load_state_dict(_randomize(build_cnn('convnextv2_atto')).state_dict())
     with torch.inference_mode():
         assert not torch.allclose(fast(x), reference(x), atol=1e-4)
+
+
+def test_loaded_model_predicts_without_page_faulting_its_activations_in_again(tiny_cnn_file):
+    """keep_freed_memory: a few-MB activation freed after one prediction is reused by the next one instead of
+    being unmapped and faulted in again (thousands of page faults per prediction otherwise, on glibc)."""
+    import resource
+    import sys
+
+    from flowers_fastai.inference_nets import keep_freed_memory
+    from flowers_fastai.submit import load_cnn_model
+    if not sys.platform.startswith('linux') or not keep_freed_memory():
+        pytest.skip('glibc malloc tuning applies on Linux/glibc only')
+    model = load_cnn_model(tiny_cnn_file)
+    x = torch.randn(1, 3, 448, 448)       # stage-0 activations of ~2.5 MB: over glibc's default mmap threshold
+    with torch.inference_mode():
+        model(x)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            model(x)
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+    assert faults < 50, f'{faults:.0f} page faults per forward'
