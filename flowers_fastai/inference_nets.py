@@ -200,11 +200,25 @@ class _Block(nn.Module):
 
 
 class _Downsample(nn.Sequential):
+    """LayerNorm, then a 2x2 stride-2 convolution. At inference the convolution runs as what it is, a matmul over
+    non-overlapping 2x2 patches: with a packed weight, ~2x faster than oneDNN's convolution at these shapes."""
+
     def __init__(self, c_in: int, c_out: int):
         super().__init__(_Norm(c_in), nn.Conv2d(c_in, c_out, 2, stride=2))
+        self.packed = None
+
+    def pack(self, rows_hint: int = 196):
+        self.packed = PackedWeight(self[1].weight.permute(0, 2, 3, 1), rows_hint)   # (out, kh, kw, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self[1](self[0](x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        y = self[0](x.permute(0, 2, 3, 1))                                   # NHWC
+        n, h, w, c = y.shape
+        if self.packed is None or not _onednn_ok(y) or h % 2 or w % 2:
+            return self[1](y.permute(0, 3, 1, 2))
+        patches = y.view(n, h // 2, 2, w // 2, 2, c).transpose(2, 3).reshape(-1, 4 * c)   # (kh, kw, in) order
+        out = torch.ops.mkldnn._linear_pointwise(patches, self.packed.get(self[1].weight.permute(0, 2, 3, 1)),
+                                                 self[1].bias, 'none', [], '')
+        return out.view(n, h // 2, w // 2, -1).permute(0, 3, 1, 2)
 
 
 class _Stage(nn.Module):
