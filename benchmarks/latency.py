@@ -15,7 +15,9 @@ Everything is measured in this one run, on this machine:
 - cold start: a fresh interpreter that has imported torch, timed from there through `import submit`,
   `load_*_model` and the first `predict`;
 - batch: `inference.predict_files` (decoding included) vs the model alone on ready tensors, same batch size,
-  alternated 3 times (medians).
+  alternated 3 times (medians);
+- baseline (unless --no-baseline): the same weights in timm's / open_clip's own network, eager, through the same
+  `predict` (3 rounds): what the delivery networks of inference_nets.py are measured against.
 Random initialisation: speed does not depend on the weights' values. Targets (issue 4): CNN <= 1.5x its floor
 and cold start <= 2 s; ViT-L/14 <= 1.15x and cold start <= 8 s; batch throughput within 10 % of the model's.
 """
@@ -112,6 +114,23 @@ def cold_start(family: str, weights: Path, runs: int = 3) -> float:
     return statistics.median(times)
 
 
+def library_model(family: str, weights: Path) -> torch.nn.Module:
+    """The baseline: the same weights in the training libraries' own network (timm / open_clip), eager, as
+    `submit` served them before inference_nets.py; it predicts through the same preprocessing."""
+    from flowers_fastai.architectures import ClipClassifier, build_cnn, infer_clip_spec
+    from flowers_fastai.preprocess import cnn_preprocessing, vit_preprocessing
+    state = torch.load(weights, map_location='cpu', weights_only=True)
+    if family == 'cnn':
+        model, pp = build_cnn('convnextv2_tiny'), cnn_preprocessing(224)
+    else:
+        spec = infer_clip_spec(state)
+        model, pp = ClipClassifier(spec), vit_preprocessing(spec.image_size)
+    model.load_state_dict(state)
+    model.eval().requires_grad_(False)
+    model.flowers_preprocessing, model.flowers_temperature = pp, 1.0
+    return model
+
+
 def latency(model, flops: float, rounds: int, per_round: int) -> dict:
     """Median seconds per prediction, its ratio to the floor, and page faults per prediction (see
     inference_nets.keep_freed_memory). This machine's speed drifts by 10-20 % from minute to minute (a shared
@@ -164,6 +183,8 @@ def batch_throughput(model, batch_size: int, n_images: int, rounds: int = 3) -> 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', choices=['cnn', 'vit'], default=['cnn', 'vit'])
+    parser.add_argument('--no-baseline', action='store_true',
+                        help='skip the baseline: the same weights in timm / open_clip\'s own network, eager')
     parser.add_argument('--runs', type=int, default=0, help='timed predictions per round, 5 rounds (default: 15 CNN, 3 ViT)')
     args = parser.parse_args(argv)
     from flowers_fastai.submit import load_cnn_model, load_vit_model
@@ -175,6 +196,12 @@ def main(argv=None) -> int:
             weights, reference, size, attention = make_weights(family, Path(tmp))
             flops = count_flops(reference, size, attention)
             del reference
+            if not args.no_baseline:
+                baseline = library_model(family, weights)
+                base = latency(baseline, flops, rounds=3, per_round=args.runs or (15 if family == 'cnn' else 3))
+                del baseline
+                print(f'{family}: library network (timm / open_clip eager) {base["ms"]:.1f} ms, '
+                      f'{base["ratio"]:.2f}x its floor', flush=True)
             model = (load_cnn_model if family == 'cnn' else load_vit_model)(weights)
             lat = latency(model, flops, rounds=5, per_round=args.runs or (15 if family == 'cnn' else 3))
             cold = cold_start(family, weights)
