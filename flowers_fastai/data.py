@@ -13,8 +13,8 @@ from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, ImageBlock, 
                                RandomResizedCrop, Transform, aug_transforms)
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-from .data_files import IMAGE_EXTENSIONS
-from .labels import CLASSES, normalize_class_name
+from .data_files import class_folders, folder_files
+from .labels import CLASSES
 from .preprocess import Preprocessing, open_image, resize_center_crop
 
 
@@ -46,27 +46,18 @@ def scan_image_folder(root: str | Path, check_decodable: bool = True) -> Scanned
     crashing an epoch later.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f'data folder {root} does not exist or is not a folder')
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
-    unknown = [p.name for p in folders if normalize_class_name(p.name) is None]
-    if unknown:
-        raise DatasetError(f'{root}: folder(s) {unknown} name no class; expected one folder per class of {CLASSES} '
-                           '(plural and capitalised names such as "Roses" are accepted)')
-    by_class = {}
-    for p in folders:
-        by_class.setdefault(normalize_class_name(p.name), []).append(p)
+    by_class = class_folders(root, DatasetError)
     missing = [c for c in CLASSES if c not in by_class]
     if missing:
-        raise DatasetError(f'{root}: no folder for class(es) {missing}; found {[p.name for p in folders]}')
+        found = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith('.')]
+        raise DatasetError(f'{root}: no folder for class(es) {missing}; found {sorted(found)}')
 
     scanned = ScannedFolder(items=[])
-    for label in CLASSES:
-        for folder in by_class[label]:
-            for path in sorted(f for f in folder.rglob('*') if f.is_file() and not f.name.startswith('.')):
-                if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                    scanned.non_images.append(path)
-                    continue
+    for label, folders in by_class.items():
+        for folder in folders:
+            images, others = folder_files(folder)
+            scanned.non_images += others
+            for path in images:
                 if check_decodable:
                     try:
                         with warnings.catch_warnings():

@@ -34,7 +34,7 @@ from torch import nn
 
 from .architectures import family_of
 from .calibration import expected_calibration_error, reliability_diagram
-from .data_files import IMAGE_EXTENSIONS
+from .data_files import IMAGE_EXTENSIONS, class_folders, folder_files
 from .inference import Ensemble, members, predict_files
 from .labels import CLASSES, normalize_class_name
 from .preprocess import TruncatedImageWarning
@@ -74,29 +74,19 @@ def scan_labelled_folder(root: str | os.PathLike) -> LabelledFolder:
     counted in `non_images`, hidden files and folders and files directly in `root` ignored. A class may be
     absent (a small test folder); a folder that names no class, or no image at all, is an `EvaluationError`."""
     root = Path(root)
-    if not root.is_dir():
-        raise EvaluationError(f'data folder {root} does not exist or is not a folder')
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
-    unknown = [p.name for p in folders if normalize_class_name(p.name) is None]
-    if unknown:
-        raise EvaluationError(f'{root}: folder(s) {unknown} name no class; expected one folder per class of '
-                              f'{CLASSES} (plural and capitalised names such as "Roses" are accepted)')
-    folders.sort(key=lambda p: (CLASSES.index(normalize_class_name(p.name)), p.name))   # in class order
-    if not folders:
+    by_class = class_folders(root, EvaluationError)
+    if not by_class:
         raise EvaluationError(f'{root} has no class folders; expected {root}/<class>/<photos> with <class> one of '
                               f'{CLASSES}')
     scanned = LabelledFolder(root=root, items=[])
-    for folder in folders:
-        label = normalize_class_name(folder.name)
-        for path in sorted(folder.rglob('*')):
-            if not path.is_file() or any(part.startswith('.') for part in path.relative_to(folder).parts):
-                continue
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
-                scanned.items.append((path, label))
-            else:
-                scanned.non_images.append(path)
+    for label, folders in by_class.items():
+        for folder in folders:
+            images, others = folder_files(folder)
+            scanned.items += [(path, label) for path in images]
+            scanned.non_images += others
     if not scanned.items:
-        raise EvaluationError(f'{root}: no image files in its class folders {[p.name for p in folders]} '
+        names = [folder.name for folders in by_class.values() for folder in folders]
+        raise EvaluationError(f'{root}: no image files in its class folders {names} '
                               f'(extensions {sorted(IMAGE_EXTENSIONS)})')
     return scanned
 
