@@ -1,15 +1,16 @@
 """The two delivered networks written for CPU inference: ConvNeXt V2 (timm's key layout) and the CLIP ViT image
 tower + head (open_clip's key layout). Same state_dict keys and shapes, same outputs (tests compare them with timm
-and open_clip to 1e-4); `submit` builds these instead of the training networks.
+and open_clip, to 1e-5 absolute); `submit` builds these instead of the training networks.
 
 Why hand-written (timm and open_clip build the same networks for training):
 - cold start: `import timm` or `import open_clip` alone costs 1.5-3 s on the 2-core CPU, the CNN's whole budget
   (load + first prediction <= 2 s); this module needs torch only;
 - speed: linear layers go through oneDNN (`torch.ops.mkldnn._linear_pointwise`, the kernel PyTorch's own
-  inductor emits for CPU) with the GELU fused in, which on the AVX-512 AMD CPUs measured here beats the default
-  MKL sgemm (MKL does not use AVX-512 on AMD); activations stay channels-last, so ConvNeXt's NCHW <-> NHWC
-  permutes are free; GRN is folded into one pass. Training keeps timm / open_clip: this is inference only
-  (`torch.inference_mode`); with autograd on, the plain `F.linear` path is taken.
+  inductor emits for CPU) with packed weights and the activation and residual sum fused in, which on the AMD CPU
+  measured here beats the MKL sgemm behind `F.linear`; activations stay channels-last, so ConvNeXt's
+  NCHW <-> NHWC permutes are free; GRN is folded. docs/benchmarks.md has the numbers. Training keeps timm /
+  open_clip: this is inference only (no_grad / inference_mode); with autograd on, the plain `F.linear` path is
+  taken.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class PackedWeight:
         self.get(weight)
 
     def get(self, weight: torch.Tensor) -> torch.Tensor:
+        """The packed copy of `weight` (the parameter, or a view of it), packed again if the parameter moved."""
         # an inference tensor cannot change in place; any other change moves the version counter
         key = (weight.data_ptr(), None if weight.is_inference() else weight._version, tuple(weight.shape))
         if key != self._key:
@@ -55,20 +57,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
     """act(x @ weight.T + bias) (+ residual) over the last dimension, `act` None, 'gelu' (exact, erf) or
     'swish' (x * sigmoid(x)). oneDNN applies the activation or the residual sum inside the matmul, from a
     packed copy of the weight when given; elsewhere (autograd, GPU, other dtypes) it is plain `F.linear`."""
-    weight = weight.flatten(1)
+    out_features = weight.shape[0]
     if residual is not None:
         if _onednn_ok(x) and act is None and residual.is_contiguous():
-            w = packed.get(weight) if packed is not None else weight
-            y = torch.ops.mkldnn._linear_pointwise.binary(x.reshape(-1, x.shape[-1]), residual.view(-1, weight.shape[0]),
+            w = packed.get(weight) if packed is not None else weight.flatten(1)
+            y = torch.ops.mkldnn._linear_pointwise.binary(x.reshape(-1, x.shape[-1]), residual.view(-1, out_features),
                                                          w, bias, 'add')
-            return y.view(*x.shape[:-1], weight.shape[0])
+            return y.view(*x.shape[:-1], out_features)
         return residual + linear(x, weight, bias, act, packed)
     if _onednn_ok(x):
         attr, algorithm = {None: ('none', ''), 'gelu': ('gelu', 'none'), 'swish': ('swish', '')}[act]
-        w = packed.get(weight) if packed is not None else weight
+        w = packed.get(weight) if packed is not None else weight.flatten(1)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, bias, attr, [], algorithm)
-        return y.view(*x.shape[:-1], weight.shape[0])
-    y = F.linear(x, weight, bias)
+        return y.view(*x.shape[:-1], out_features)
+    y = F.linear(x, weight.flatten(1), bias)
     return y if act is None else F.gelu(y) if act == 'gelu' else F.silu(y)
 
 
@@ -134,7 +136,6 @@ class _Fc(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(c_out, c_in, *((1, 1) if conv else ())))
         self.bias = nn.Parameter(torch.zeros(c_out))
-
         self.packed = None
 
     def pack(self, rows_hint: int = 196):
