@@ -18,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .submit import load_cnn_model, load_ensemble, load_vit_model, predict_proba
+from .predict import load_chosen_model
+from .submit import predict_proba
 
 DEFAULT_MAX_MB = 10
 MB = 2 ** 20
@@ -187,15 +188,6 @@ def create_app(model, max_bytes: int = DEFAULT_MAX_MB * MB):
     return Starlette(routes=[Route('/', index), Route('/predict', predict, methods=['POST'])])
 
 
-def load_model(kind: str, weights: str | None = None, vit_weights: str | None = None):
-    """The model the demo serves; FileNotFoundError / ValueError (from submit) when its weights are missing or bad."""
-    if kind == 'cnn':
-        return load_cnn_model(weights or 'cnn_flowers.pth')
-    if kind == 'vit':
-        return load_vit_model(vit_weights or weights or 'vit_flowers.pth')
-    return load_ensemble(weights or 'cnn_flowers.pth', vit_weights or 'vit_flowers.pth')
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', choices=['cnn', 'vit', 'ensemble'], default='cnn',
@@ -220,7 +212,7 @@ def main(argv=None) -> int:
     except ImportError as err:
         sys.exit(f'error: {err}')
     try:
-        model = load_model(args.model, args.weights, args.vit_weights)
+        model = load_chosen_model(args.model, args.weights, args.vit_weights)
     except (FileNotFoundError, ValueError) as err:
         needs = ' (no ViT weights are shipped: train and export them, then pass --vit-weights)' \
             if args.model != 'cnn' else ''

@@ -32,20 +32,17 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .architectures import family_of
 from .calibration import expected_calibration_error, reliability_diagram
 from .data_files import IMAGE_EXTENSIONS, class_folders, folder_files
 from .inference import Ensemble, members, predict_files
 from .labels import CLASSES, normalize_class_name
 from .preprocess import TruncatedImageWarning
-from .submit import WEIGHTS_DIR, load_cnn_model, load_vit_model
+from .submit import find_weights, load_model as submit_load_model
 
-__all__ = ['ARRAY_KEYS', 'ECE_BINS', 'EvaluationError', 'LabelledFolder', 'scan_labelled_folder', 'find_weights',
-           'weights_family', 'load_model', 'classification_metrics', 'evaluate', 'summary_numbers', 'default_out',
-           'main']
+__all__ = ['ARRAY_KEYS', 'ECE_BINS', 'EvaluationError', 'LabelledFolder', 'scan_labelled_folder', 'load_model',
+           'classification_metrics', 'evaluate', 'summary_numbers', 'default_out', 'main']
 
 ECE_BINS = 15
-_LOADERS = {'cnn': load_cnn_model, 'vit': load_vit_model}
 # keys of evaluate()'s result that hold tensors / per-photo data rather than summary numbers
 ARRAY_KEYS = ('paths', 'targets', 'probabilities')
 
@@ -92,56 +89,14 @@ def scan_labelled_folder(root: str | os.PathLike) -> LabelledFolder:
 
 
 # ----------------------------------------------------------------------------------------------- the model
-def find_weights(weights_path: str | os.PathLike) -> Path:
-    """As `submit` looks a file up: an absolute path as is; a relative one in the cwd first, then in weights/."""
-    path = Path(weights_path)
-    candidates = [path] if path.is_absolute() else [Path.cwd() / path, WEIGHTS_DIR / path]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f'weights file {weights_path} not found (looked in: {", ".join(map(str, candidates))})')
-
-
-def weights_family(path: str | os.PathLike) -> str:
-    """'cnn' or 'vit': the `family` of the sidecar JSON beside the file when it says, else read off the
-    state_dict's key names (`architectures.family_of`, the tensors memory-mapped, not read)."""
-    path = Path(path)
-    sidecar = path.with_suffix('.json')
-    if sidecar.is_file():
-        try:
-            family = json.loads(sidecar.read_text()).get('family')
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            family = None   # the loader reports a broken sidecar with its own message
-        if family in _LOADERS:
-            return family
-    state = None
-    for mmap in (True, False):
-        try:
-            state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
-            break
-        except Exception:  # noqa: BLE001 - whatever it is, the loader below says it properly
-            continue
-    if state is None:
-        return 'cnn'   # unreadable: load_cnn_model raises the ValueError that explains why
-    family = family_of(state) if isinstance(state, dict) else None
-    if family is None:
-        keys = ', '.join(list(state)[:3]) if isinstance(state, dict) else type(state).__name__
-        raise EvaluationError(f'{path}: cannot tell whether it holds a CNN or a ViT (no "family" in a sidecar '
-                              f'{sidecar.name}, and its keys ({keys}, ...) are those of neither)')
-    return family
-
-
 def load_model(weights_paths: Sequence[str | os.PathLike]) -> nn.Module:
-    """One weights file -> its model (`submit.load_cnn_model` / `load_vit_model`, by `weights_family`);
-    several -> an `inference.Ensemble` of them (their calibrated probabilities averaged)."""
+    """One weights file -> its model (`submit.load_model`: CNN or ViT, by the sidecar's `family` or the key
+    names); several -> an `inference.Ensemble` of them (their calibrated probabilities averaged)."""
     if isinstance(weights_paths, (str, os.PathLike)):
         weights_paths = [weights_paths]
     if not weights_paths:
         raise EvaluationError('no weights file given')
-    models = []
-    for weights in weights_paths:
-        path = find_weights(weights)
-        models.append(_LOADERS[weights_family(path)](path))
+    models = [submit_load_model(weights) for weights in weights_paths]
     return models[0] if len(models) == 1 else Ensemble(models)
 
 

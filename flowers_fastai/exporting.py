@@ -10,9 +10,8 @@ from pathlib import Path
 import torch
 
 from .architectures import ClipClassifier, ClipTowerSpec, build_cnn, load_exactly
-from .lora import apply_lora, has_lora, merge_lora
-
 from .labels import CLASSES
+from .lora import apply_lora, has_lora, merge_lora
 
 FAMILIES = ('cnn', 'vit')
 VALID_ITEMS = 'valid_items.csv'   # the run's validation photos (path, label), written by training
@@ -71,10 +70,9 @@ def calibrate(weights: Path, items: list[tuple[Path, str]], report_dir: Path) ->
     """Temperature scaling of the exported file on `items` (through `submit`, as users will run it): the fitted
     T, NLL and expected calibration error before/after, and a reliability diagram PNG in `report_dir`."""
     from .calibration import expected_calibration_error, fit_temperature, reliability_diagram, temperature_nll
-    from .evaluate import load_model
     from .inference import predict_files
-    model = load_model([weights])
-    results = [r for r in predict_files(model, [p for p, _ in items], batch_size=32)]
+    from .submit import load_model
+    results = list(predict_files(load_model(weights), [p for p, _ in items], batch_size=32))
     kept = [(r, label) for r, (_, label) in zip(results, items) if r.error is None]
     if not kept:
         raise ValueError('no validation photo could be read: nothing to calibrate on')

@@ -34,12 +34,14 @@ def expand(paths: list[Path]) -> list[Path]:
     return files
 
 
-def _load(args):
-    if args.model == 'cnn':
-        return load_cnn_model(args.weights) if args.weights else load_cnn_model()
-    if args.model == 'vit':
-        return load_vit_model(args.weights) if args.weights else load_vit_model()
-    return load_ensemble(args.weights or 'cnn_flowers.pth', args.vit_weights)
+def load_chosen_model(kind: str, weights: str | None = None, vit_weights: str | None = None):
+    """The model of a command line's `--model cnn|vit|ensemble`, `--weights` (the CNN's for an ensemble) and
+    `--vit-weights`, defaulting to <family>_flowers.pth; FileNotFoundError / ValueError from `submit`."""
+    if kind == 'cnn':
+        return load_cnn_model(weights or 'cnn_flowers.pth')
+    if kind == 'vit':
+        return load_vit_model(vit_weights or weights or 'vit_flowers.pth')
+    return load_ensemble(weights or 'cnn_flowers.pth', vit_weights or 'vit_flowers.pth')
 
 
 def main(argv=None) -> int:
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
                         help='model family, or both averaged (default: %(default)s)')
     parser.add_argument('--weights', help='weights file (default: <family>_flowers.pth in . or weights/; '
                                           'for the ensemble: the CNN file)')
-    parser.add_argument('--vit-weights', default='vit_flowers.pth', help='the ensemble\'s ViT file (default: %(default)s)')
+    parser.add_argument('--vit-weights', help='the ensemble\'s ViT file (default: vit_flowers.pth)')
     parser.add_argument('--csv', type=Path, help='also write one CSV row per file (path, class, probabilities, error)')
     parser.add_argument('--batch-size', type=int, default=16, help='photos per forward pass (default: %(default)s)')
     parser.add_argument('--tta', action='store_true', help='average 6 views per photo (flip + crops): 6x slower')
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
         parser.error('--batch-size must be at least 1')
 
     try:
-        model = _load(args)
+        model = load_chosen_model(args.model, args.weights, args.vit_weights)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f'error: {err}')
     files = expand(args.paths)

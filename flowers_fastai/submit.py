@@ -49,15 +49,17 @@ _LOADER = {'cnn': 'load_cnn_model', 'vit': 'load_vit_model'}
 _FAMILY_NAME = {'cnn': 'a ConvNeXt V2 CNN', 'vit': 'a CLIP ViT'}
 
 
-def _find_weights(weights_path: str | os.PathLike, family: str) -> Path:
-    """An absolute path as is; a relative one in the current directory first, then in the repo's weights/."""
+def find_weights(weights_path: str | os.PathLike, family: str | None = None) -> Path:
+    """An absolute path as is; a relative one in the current directory first, then in the repo's weights/.
+    `FileNotFoundError` lists where it looked (and, for a known `family`, the command that makes the file)."""
     path = Path(weights_path)
     candidates = [path] if path.is_absolute() else [Path.cwd() / path, WEIGHTS_DIR / path]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f'weights file {weights_path} not found (looked in: {", ".join(map(str, candidates))}). '
-                            f'Train and export one with: {_HOW_TO_MAKE[family]}')
+    how = f'. Train and export one with: {_HOW_TO_MAKE[family]}' if family else ''
+    raise FileNotFoundError(f'weights file {weights_path} not found (looked in: {", ".join(map(str, candidates))})'
+                            + how)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -93,10 +95,19 @@ def _read_sidecar(path: Path) -> dict:
         raise ValueError(f'{sidecar} (the settings beside {path.name}) is not valid JSON: {err}') from None
 
 
-def _load(weights_path, family: str) -> tuple[dict[str, torch.Tensor], dict, Path]:
-    path = _find_weights(weights_path, family)
+def _load(weights_path, family: str | None) -> tuple[dict[str, torch.Tensor], dict, Path, str]:
+    """(state_dict, sidecar, path, family) of a weights file, read once and checked. `family` None: the one
+    the sidecar names, else the one its key names show."""
+    path = find_weights(weights_path, family)
     state_dict = _read_state_dict(path)
+    sidecar = _read_sidecar(path)
     found = family_of(state_dict)
+    if family is None:
+        if found is None:
+            raise ValueError(f'{path}: cannot tell whether it holds a CNN or a ViT (no "family" in a sidecar '
+                             f'{path.with_suffix(".json").name}, and its keys ({", ".join(list(state_dict)[:3])}, '
+                             '...) are those of neither)')
+        family = sidecar.get('family') if sidecar.get('family') in _LOADER else found
     if found != family:
         other = (f'it holds {_FAMILY_NAME[found]} model: load it with {_LOADER[found]}()' if found
                  else f'its keys ({", ".join(list(state_dict)[:3])}, ...) are not those of {_FAMILY_NAME[family]} model')
@@ -106,7 +117,7 @@ def _load(weights_path, family: str) -> tuple[dict[str, torch.Tensor], dict, Pat
         raise ValueError(f'{path} has no classification head')
     if head.shape[0] != NUM_CLASSES:
         raise ValueError(f'{path} has a head with {head.shape[0]} classes; this project needs {NUM_CLASSES} ({CLASSES})')
-    return state_dict, _read_sidecar(path), path
+    return state_dict, sidecar, path, family
 
 
 def _temperature(sidecar: dict, path: Path) -> float:
@@ -129,7 +140,10 @@ def _ready(model: nn.Module, family: str, preprocessing: Preprocessing, temperat
 def load_cnn_model(weights_path='cnn_flowers.pth') -> nn.Module:
     """The ConvNeXt V2 classifier in `weights_path`: a plain PyTorch module in eval mode, on CPU, with timm's
     state_dict layout (`inference_nets.ConvNeXtV2`, written for CPU inference without importing timm)."""
-    state_dict, sidecar, path = _load(weights_path, 'cnn')
+    return _build_cnn(*_load(weights_path, 'cnn')[:3])
+
+
+def _build_cnn(state_dict: dict[str, torch.Tensor], sidecar: dict, path: Path) -> nn.Module:
     with torch.device('meta'):   # no random initialisation: every tensor comes from the file
         model = ConvNeXtV2(*CONVNEXTV2_SIZES[infer_cnn_arch(state_dict).removeprefix('convnextv2_')])
     load_exactly(model, state_dict, str(path), assign=True)
@@ -139,13 +153,22 @@ def load_cnn_model(weights_path='cnn_flowers.pth') -> nn.Module:
 def load_vit_model(weights_path='vit_flowers.pth') -> nn.Module:
     """The CLIP ViT classifier in `weights_path`: open_clip's image tower + head as a plain PyTorch module in
     eval mode, on CPU, with open_clip's state_dict layout (`inference_nets.ClipViTClassifier`)."""
-    state_dict, sidecar, path = _load(weights_path, 'vit')
+    return _build_vit(*_load(weights_path, 'vit')[:3])
+
+
+def _build_vit(state_dict: dict[str, torch.Tensor], sidecar: dict, path: Path) -> nn.Module:
     spec = infer_clip_spec(state_dict, quick_gelu=bool(sidecar.get('quick_gelu', True)),
                            head_width=int(sidecar.get('head_width', 64)))
     with torch.device('meta'):
         model = ClipViTClassifier(spec)
     load_exactly(model, state_dict, str(path), assign=True)
     return _ready(model, 'vit', vit_preprocessing(spec.image_size), _temperature(sidecar, path))
+
+
+def load_model(weights_path: str | os.PathLike) -> nn.Module:
+    """A CNN or a ViT file, whichever it holds (the sidecar's `family`, else its key names), read once."""
+    state_dict, sidecar, path, family = _load(weights_path, None)
+    return (_build_cnn if family == 'cnn' else _build_vit)(state_dict, sidecar, path)
 
 
 def load_ensemble(cnn_path='cnn_flowers.pth', vit_path='vit_flowers.pth') -> Ensemble:

@@ -20,6 +20,7 @@ from .architectures import ClipClassifier
 from .audit import audit_items
 from .callbacks import MixUpCutMix, WeightEMA
 from .data import flower_dataloaders, scan_image_folder, stratified_split
+from .exporting import VALID_ITEMS
 from .labels import CLASSES
 from .lora import has_lora, merge_lora, merge_lora_state
 from .models import SPLITTERS, create_model, layerwise_lrs
@@ -221,7 +222,7 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
     if not resume and main_process:
         (run_dir / 'config.json').write_text(json.dumps(config, indent=2))
         # the validation photos, for export-time calibration and later re-scoring
-        learn.dls.valid_ds.items[['path', 'label']].to_csv(run_dir / 'valid_items.csv', index=False)
+        learn.dls.valid_ds.items[['path', 'label']].to_csv(run_dir / VALID_ITEMS, index=False)
 
     state = json.loads(state_path.read_text()) if resume else {'phase': 0, 'epoch': -1, 'best': None}
     tracker = BestCheckpoint(best=state['best'])
