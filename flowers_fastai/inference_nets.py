@@ -7,8 +7,9 @@ Why hand-written (timm and open_clip build the same networks for training):
   (load + first prediction <= 2 s); this module needs torch only;
 - speed: linear layers go through oneDNN (`torch.ops.mkldnn._linear_pointwise`, the kernel PyTorch's own
   inductor emits for CPU) with packed weights and the activation and residual sum fused in, which on the AMD CPU
-  measured here beats the MKL sgemm behind `F.linear`; activations stay channels-last, so ConvNeXt's
-  NCHW <-> NHWC permutes are free; GRN is folded. docs/benchmarks.md has the numbers. Training keeps timm /
+  measured here beats the MKL sgemm behind `F.linear`; convolution weights are packed too
+  (`_convolution_pointwise`); activations stay channels-last, so ConvNeXt's NCHW <-> NHWC permutes are free;
+  GRN's bias is folded into the next matmul and its scale applied in place. docs/benchmarks.md has the numbers. Training keeps timm /
   open_clip: this is inference only (no_grad / inference_mode); with autograd on, the plain `F.linear` path is
   taken.
 """
@@ -50,6 +51,37 @@ class PackedWeight:
                                                                  self.rows_hint)
             self._key = key
         return self.packed
+
+
+class PackedConv:
+    """A convolution weight reordered once into oneDNN's layout for one input shape (what inductor's freezing does
+    for CPU convolutions; oneDNN chooses the layout from the shape), kept beside the parameter like
+    `PackedWeight`: repacked when the parameter moves, a few input shapes remembered."""
+
+    def __init__(self, conv: nn.Conv2d):
+        self.conv, self._key, self._packed = conv, None, {}
+
+    def get(self, input_shape: torch.Size) -> torch.Tensor:
+        w = self.conv.weight
+        key = (w.data_ptr(), None if w.is_inference() else w._version, tuple(w.shape))
+        if key != self._key or len(self._packed) > 8:
+            self._key, self._packed = key, {}
+        packed = self._packed.get(input_shape)
+        if packed is None:
+            c = self.conv
+            packed = self._packed[input_shape] = torch.ops.mkldnn._reorder_convolution_weight(
+                w.detach(), list(c.padding), list(c.stride), list(c.dilation), c.groups, list(input_shape))
+        return packed
+
+
+def conv2d(x: torch.Tensor, conv: nn.Conv2d, packed: PackedConv | None) -> torch.Tensor:
+    """conv(x); through oneDNN with the packed weight for channels-last inputs at inference: skips the weight
+    reorder oneDNN otherwise makes on every call (most of a depthwise 7x7 convolution's time at these sizes)."""
+    if packed is not None and _onednn_ok(x) and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.ops.mkldnn._convolution_pointwise(x, packed.get(x.shape), conv.bias, list(conv.padding),
+                                                       list(conv.stride), list(conv.dilation), conv.groups,
+                                                       'none', [], '')
+    return conv(x)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None = None,
@@ -154,14 +186,16 @@ class _GRN(nn.Module):
         self.weight, self.bias, self.eps = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim)), eps
 
     def scale(self, x_nhwc: torch.Tensor) -> torch.Tensor:
-        """1 + weight * N(x), per image and channel. The spatial L2 norm as sqrt(sum of squares): on
-        channels-last activations 5-7x faster than `vector_norm` over the two spatial dims."""
+        """weight * N(x), per image and channel: GRN is x + bias + x * scale(x). The spatial L2 norm as
+        sqrt(sum of squares) (on channels-last activations 5-7x faster than `vector_norm` over the two spatial
+        dims); the channel mean as a sum, N = C g / (sum g + C eps). Few ops: on these small vectors each op
+        costs its dispatch, 10-20 us right after a big matmul has evicted the dispatcher's code and data."""
         g = (x_nhwc * x_nhwc).sum(dim=(1, 2), keepdim=True).sqrt_()
-        n = g / (g.mean(dim=-1, keepdim=True) + self.eps)
-        return torch.addcmul(torch.ones_like(n), n, self.weight)
+        c = g.shape[-1]
+        return (g * self.weight).div_(g.sum(dim=-1, keepdim=True).add_(c * self.eps)).mul_(c)
 
     def forward(self, x_nhwc: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.bias, x_nhwc, self.scale(x_nhwc))
+        return torch.addcmul(x_nhwc + self.bias, x_nhwc, self.scale(x_nhwc))
 
 
 class _Mlp(nn.Module):
@@ -184,9 +218,9 @@ class _Mlp(nn.Module):
         if torch.is_grad_enabled():
             y = self.fc2(self.grn(h))
             return y if residual is None else residual + y
-        # inference: h scaled in place, GRN's bias inside fc2's: one pass over the wide activations fewer
-        return linear(h.mul_(self.grn.scale(h)), self.fc2.weight, self._folded_bias(), packed=self.fc2.packed,
-                      residual=residual)
+        # inference: h scaled in place (h + h s), GRN's bias inside fc2's: one pass over the wide activations fewer
+        return linear(h.addcmul_(h, self.grn.scale(h)), self.fc2.weight, self._folded_bias(),
+                      packed=self.fc2.packed, residual=residual)
 
 
 class _Block(nn.Module):
@@ -194,32 +228,29 @@ class _Block(nn.Module):
         super().__init__()
         self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
         self.norm, self.mlp = _Norm(dim), _Mlp(dim, conv)
+        self.packed = None
+
+    def pack(self):
+        self.packed = PackedConv(self.conv_dw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # x: NCHW in channels-last memory
-        y = self.conv_dw(x).permute(0, 2, 3, 1)             # a free view: NHWC contiguous
+        y = conv2d(x, self.conv_dw, self.packed).permute(0, 2, 3, 1)   # a free view: NHWC contiguous
         return self.mlp(self.norm(y), residual=x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class _Downsample(nn.Sequential):
-    """LayerNorm, then a 2x2 stride-2 convolution. At inference the convolution runs as what it is, a matmul over
-    non-overlapping 2x2 patches: with a packed weight, ~2x faster than oneDNN's convolution at these shapes."""
+    """LayerNorm, then a 2x2 stride-2 convolution (its weight packed for oneDNN at inference)."""
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__(_Norm(c_in), nn.Conv2d(c_in, c_out, 2, stride=2))
         self.packed = None
 
-    def pack(self, rows_hint: int = 196):
-        self.packed = PackedWeight(self[1].weight.permute(0, 2, 3, 1), rows_hint)   # (out, kh, kw, in)
+    def pack(self):
+        self.packed = PackedConv(self[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self[0](x.permute(0, 2, 3, 1))                                   # NHWC
-        n, h, w, c = y.shape
-        if self.packed is None or not _onednn_ok(y) or h % 2 or w % 2:
-            return self[1](y.permute(0, 3, 1, 2))
-        patches = y.view(n, h // 2, 2, w // 2, 2, c).transpose(2, 3).reshape(-1, 4 * c)   # (kh, kw, in) order
-        out = torch.ops.mkldnn._linear_pointwise(patches, self.packed.get(self[1].weight.permute(0, 2, 3, 1)),
-                                                 self[1].bias, 'none', [], '')
-        return out.view(n, h // 2, w // 2, -1).permute(0, 3, 1, 2)
+        y = self[0](x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)   # normed over channels; NCHW in channels-last memory
+        return conv2d(y, self[1], self.packed)
 
 
 class _Stage(nn.Module):
@@ -236,9 +267,13 @@ class _Stage(nn.Module):
 class _Stem(nn.Sequential):
     def __init__(self, dim: int):
         super().__init__(nn.Conv2d(3, dim, 4, stride=4), _Norm(dim))
+        self.packed = None
+
+    def pack(self):
+        self.packed = PackedConv(self[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self[1](self[0](x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self[1](conv2d(x, self[0], self.packed).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class _Head(nn.Module):

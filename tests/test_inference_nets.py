@@ -58,12 +58,17 @@ def test_packed_weights_follow_a_change_of_the_parameters():
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         before = fast(x)
-    with torch.no_grad():   # in place, and by loading another state_dict: both must reach the packed copies
-        fast.stages[3].blocks[1].mlp.fc2.weight.mul_(3.0)
-        reference.stages[3].blocks[1].mlp.fc2.weight.mul_(3.0)
-    with torch.inference_mode():
-        torch.testing.assert_close(fast(x), reference(x), atol=1e-5, rtol=1e-4)
-        assert not torch.allclose(fast(x), before, atol=1e-4)
+    # in place, and by loading another state_dict: both must reach the packed copies (linear and conv weights)
+    for name in ('stages.3.blocks.1.mlp.fc2.weight', 'stages.3.blocks.0.conv_dw.weight', 'stages.2.downsample.1.weight',
+                 'stem.0.weight'):
+        delta = torch.randn_like(fast.get_parameter(name))
+        with torch.no_grad():
+            fast.get_parameter(name).add_(delta)
+            reference.get_parameter(name).add_(delta)
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(x), reference(x), atol=1e-5, rtol=1e-4)
+            assert not torch.allclose(fast(x), before, atol=1e-4), name
+            before = fast(x)
     fast.load_state_dict(_randomize(build_cnn('convnextv2_atto')).state_dict())
     with torch.inference_mode():
         assert not torch.allclose(fast(x), reference(x), atol=1e-4)
