@@ -10,6 +10,8 @@ predicted, the probability of each class; most confident mistakes first), predic
 failed.csv (files that could not be decoded: reported, never counted) and reliability.png (accuracy against
 confidence, with the top-label ECE). With --tta every number is also computed with test-time augmentation (the 6
 views of `inference.tta_views`, probabilities averaged) and shown beside the plain one; the TTA files end in `_tta`.
+With --int8, the same again with the ViT's matmuls in int8 (`submit.quantize_int8`), plus the share of photos whose
+class is the fp32 one: the accuracy change int8 costs, measured on your photos (files end in `_int8`).
 
 Library use (export-time calibration, benchmarks):
 
@@ -35,6 +37,7 @@ from torch import nn
 from .calibration import expected_calibration_error, reliability_diagram
 from .data_files import IMAGE_EXTENSIONS, class_folders, folder_files
 from .inference import Ensemble, members, predict_files
+from .inference_nets import ClipViTClassifier, quantize_int8
 from .labels import CLASSES, normalize_class_name
 from .preprocess import TruncatedImageWarning
 from .submit import find_weights, load_model as submit_load_model
@@ -281,7 +284,7 @@ def _write_outputs(out: Path, results: dict[str, dict], n_bins: int) -> list[str
     try:
         for variant, result in results.items():
             suffix = '' if variant == 'plain' else f'_{variant}'
-            name = 'TTA' if variant == 'tta' else 'plain'
+            name = VARIANT_NAMES[variant]
             write_confusion_png(result['confusion_matrix'], out / f'confusion_matrix{suffix}.png',
                                 f'{name}: accuracy {result["accuracy"]:.4f} on {result["n_photos"]} photos')
             written.append(f'confusion_matrix{suffix}.png')
@@ -297,9 +300,12 @@ def _write_outputs(out: Path, results: dict[str, dict], n_bins: int) -> list[str
 
 
 # ---------------------------------------------------------------------------------------------- the summary
+VARIANT_NAMES = {'plain': 'plain', 'tta': 'TTA', 'int8': 'int8 ViT'}
+
+
 def _table(results: dict[str, dict]) -> list[str]:
     variants = list(results)
-    head = ['plain', 'TTA'][:len(variants)]
+    head = [VARIANT_NAMES[v] for v in variants]
 
     def fmt(row_name, values):
         return (f'{row_name:<24}' + ''.join(f'{v:>20}' for v in values)).rstrip()
@@ -310,6 +316,9 @@ def _table(results: dict[str, dict]) -> list[str]:
         lines.append(fmt(name, [f'{results[v][key]:.4f}' for v in variants]))
     lines.append(fmt('misclassified', [f'{results[v]["n_misclassified"]} / {results[v]["n_photos"]}'
                                        for v in variants]))
+    if 'int8' in results:
+        lines.append(fmt('same class as plain', ['' if v != 'int8' else f'{results[v]["agreement_with_plain"]:.4f}'
+                                                 for v in variants]))
     lines.append(fmt('per class: P / R / F1', [''] * len(variants)))
     for c in CLASSES:
         stats = [results[v]['per_class'][c] for v in variants]
@@ -341,6 +350,9 @@ def main(argv=None) -> int:
     parser.add_argument('--out', type=Path, metavar='DIR',
                         help='output folder (default: eval/<weights stem>-<data folder name>)')
     parser.add_argument('--batch-size', type=int, default=16, metavar='N', help='photos per batch (default 16)')
+    parser.add_argument('--int8', action='store_true',
+                        help='also evaluate with the ViT\'s matmuls in int8 (submit.quantize_int8), and report how '
+                             'often its class agrees with the fp32 one')
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error('--batch-size must be >= 1')
@@ -350,6 +362,8 @@ def main(argv=None) -> int:
         folder = scan_labelled_folder(args.data)
         weights = [find_weights(w) for w in args.weights]
         model = load_model(weights)
+        if args.int8 and not any(isinstance(m, ClipViTClassifier) for m in members(model)):
+            raise EvaluationError('--int8 needs a ViT weights file: int8 is offered for the CLIP ViT only')
     except (FileNotFoundError, ValueError) as err:   # EvaluationError is a ValueError
         print(f'error: {err}', file=sys.stderr)
         return 2
@@ -358,13 +372,20 @@ def main(argv=None) -> int:
 
     results = {}
     try:
-        for variant in ['plain'] + (['tta'] if args.tta else []):
+        for variant in ['plain'] + (['tta'] if args.tta else []) + (['int8'] if args.int8 else []):
+            if variant == 'int8':   # in place, after the fp32 variants
+                for member in members(model):
+                    if isinstance(member, ClipViTClassifier):
+                        quantize_int8(member)
             results[variant] = evaluate(model, folder.items, batch_size=args.batch_size, tta=variant == 'tta',
                                         progress=None)
     except EvaluationError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     plain = results['plain']
+    if 'int8' in results:   # the same photos, in the same order
+        same = results['int8']['probabilities'].argmax(1) == plain['probabilities'].argmax(1)
+        results['int8']['agreement_with_plain'] = float(same.float().mean())
     metrics = {
         'weights': _describe(model, weights),
         'ensemble': isinstance(model, Ensemble),
@@ -380,6 +401,7 @@ def main(argv=None) -> int:
         'batch_size': args.batch_size,
         'plain': summary_numbers(plain),
         'tta': summary_numbers(results['tta']) if 'tta' in results else None,
+        'int8': summary_numbers(results['int8']) if 'int8' in results else None,
     }
     (out / 'metrics.json').write_text(json.dumps(metrics, indent=2) + '\n')
     written = ['metrics.json'] + _write_outputs(out, results, ECE_BINS)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
     'swish' (x * sigmoid(x)). oneDNN applies the activation or the residual sum inside the matmul, from a
     packed copy of the weight when given; elsewhere (autograd, GPU, other dtypes) it is plain `F.linear`."""
     out_features = weight.shape[0]
+    if isinstance(packed, Int8Linear) and not torch.is_grad_enabled() and x.device.type == 'cpu':
+        return packed(x, act, residual)
     if residual is not None:
         if _onednn_ok(x) and act is None and residual.is_contiguous():
             w = packed.get(weight) if packed is not None else weight.flatten(1)
@@ -131,6 +134,59 @@ def keep_freed_memory() -> bool:
 
 
 _MALLOC_TUNED = None
+
+
+class Int8Linear:
+    """A linear layer in int8 for CPU inference: its weight quantized once (symmetric, per output channel), its
+    input quantized on each call from its own range, the products summed in int32 (fbgemm), as
+    `torch.ao.quantization.quantize_dynamic` does to an `nn.Linear`; written out here because the attention's
+    `in_proj_weight` is not an `nn.Linear` and QuickGELU's constants are folded into the weights (`weight_scale`,
+    `bias_scale`). It carries its bias: `linear` ignores the one it is given. Like `PackedWeight`, a cache beside
+    the parameters, quantized again if they change."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, weight_scale: float = 1.0, bias_scale: float = 1.0):
+        self.weight, self.bias, self.weight_scale, self.bias_scale = weight, bias, weight_scale, bias_scale
+        self._key, self._packed = None, None
+
+    def _pack(self):
+        key = tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in (self.weight, self.bias))
+        if key != self._key:
+            w = self.weight.detach().float() * self.weight_scale
+            scales = (w.abs().amax(dim=1) / 127.5).clamp_min(torch.finfo(torch.float32).eps).double()
+            with warnings.catch_warnings():   # torch marks its quantized tensors deprecated; the ops remain in 2.x
+                warnings.simplefilter('ignore', UserWarning)
+                q = torch.quantize_per_channel(w, scales, torch.zeros(len(w), dtype=torch.long), 0, torch.qint8)
+                self._packed = torch.ops.quantized.linear_prepack(q, self.bias.detach().float() * self.bias_scale)
+            self._key = key
+        return self._packed
+
+    def __call__(self, x: torch.Tensor, act: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        # reduce_range: 7-bit activations, as quantize_dynamic's x86 default (no int16 overflow in the kernel)
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]), self._pack(), True)
+        y = y.view(*x.shape[:-1], -1)
+        if act is not None:
+            y = F.gelu(y) if act == 'gelu' else F.silu(y, inplace=True)
+        return y if residual is None else y.add_(residual)
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """The CLIP ViT's transformer matmuls in int8 (`Int8Linear`), in place; the patch embedding, attention
+    products, layer norms and the head stay fp32. Returns the model: the same module, same state_dict (fp32),
+    its outputs close to the fp32 ones but not equal: measure the accuracy change on held-out photos
+    (`python -m flowers_fastai.evaluate ... --int8`) before relying on it. CPU, inference only."""
+    if not isinstance(model, ClipViTClassifier):
+        raise TypeError(f'int8 is offered for the CLIP ViT only, not {type(model).__name__}')
+    if not {'fbgemm', 'x86'} & set(torch.backends.quantized.supported_engines):
+        raise RuntimeError('this torch build has no x86 quantized CPU kernels (fbgemm): int8 is unavailable')
+    for block in model.visual.transformer.resblocks:
+        attn, mlp = block.attn, block.mlp
+        attn.packed = (Int8Linear(attn.in_proj_weight, attn.in_proj_bias),
+                       Int8Linear(attn.out_proj.weight, attn.out_proj.bias))
+        a = QUICK_GELU_ALPHA if mlp.quick_gelu else 1.0   # as in _ClipMlp.pack: swish on a * c_fc, then c_proj / a
+        mlp.packed = (Int8Linear(mlp.c_fc.weight, mlp.c_fc.bias, a, a),
+                      Int8Linear(mlp.c_proj.weight, mlp.c_proj.bias, 1 / a))
+    model.flowers_int8 = True
+    return model
 
 
 def pack_for_cpu(model: nn.Module) -> nn.Module:

@@ -5,6 +5,7 @@
     predict(model, 'examples/rose.jpg')      # -> 'rose'
     predict_proba(model, 'examples/rose.jpg')  # -> {'daisy': 0.01, ..., 'rose': 0.9, ...} (calibrated)
     both = load_ensemble()                   # CNN + ViT, calibrated probabilities averaged; predict(both, ...)
+    fast = quantize_int8(load_vit_model())   # optional: the ViT's matmuls in int8 (CPU; see docs/benchmarks.md)
 
 Weight files are raw `state_dict`s (tensors only), read with `torch.load(..., map_location='cpu',
 weights_only=True)`: no code in a file ever runs. Their key layout:
@@ -36,11 +37,12 @@ from torch import nn
 from .architectures import (CONVNEXTV2_SIZES, NUM_CLASSES, family_of, infer_clip_spec, infer_cnn_arch,
                             load_exactly)
 from .inference import Ensemble, as_dict, load_image, probabilities
-from .inference_nets import ClipViTClassifier, ConvNeXtV2, pack_for_cpu
+from .inference_nets import ClipViTClassifier, ConvNeXtV2, pack_for_cpu, quantize_int8
 from .labels import CLASSES
 from .preprocess import Preprocessing, cnn_preprocessing, load_for_model, vit_preprocessing
 
-__all__ = ['CLASSES', 'load_cnn_model', 'load_vit_model', 'load_ensemble', 'predict', 'predict_proba']
+__all__ = ['CLASSES', 'load_cnn_model', 'load_vit_model', 'load_ensemble', 'predict', 'predict_proba',
+           'quantize_int8']
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / 'weights'
 _HOW_TO_MAKE = {'cnn': 'python train.py cnn && python export.py --family cnn',

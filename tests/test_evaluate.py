@@ -229,3 +229,22 @@ def test_two_weights_files_evaluate_their_ensemble(labelled_folder, tmp_path, mo
     path, _, _, *p = read_csv(out / 'predictions.csv')[1]
     expected = predict_proba(ensemble, path)
     assert [float(v) for v in p] == pytest.approx([expected[c] for c in CLASSES], abs=1e-5)
+
+
+def test_int8_row_reports_the_vit_accuracy_beside_fp32_and_their_agreement(labelled_folder, tmp_path,
+                                                                           tiny_cnn_file, tiny_vit_file, capsys):
+    out = tmp_path / 'int8'
+    assert ev.main(['--weights', str(tiny_vit_file), '--data', str(labelled_folder), '--int8', '--out', str(out)]) == 0
+    metrics = json.loads((out / 'metrics.json').read_text())
+    assert metrics['int8']['n_photos'] == metrics['plain']['n_photos'] == 10
+    plain = read_csv(out / 'predictions.csv')[1:]
+    int8 = read_csv(out / 'predictions_int8.csv')[1:]
+    assert [r[0] for r in plain] == [r[0] for r in int8]
+    same = sum(a[2] == b[2] for a, b in zip(plain, int8)) / len(plain)
+    assert metrics['int8']['agreement_with_plain'] == pytest.approx(same)
+    assert [r[3:] for r in plain] != [r[3:] for r in int8]      # int8 probabilities: close, not the same
+    assert 'same class as plain' in capsys.readouterr().out
+    # the CNN has no int8 path: a clear error, exit status 2
+    assert ev.main(['--weights', str(tiny_cnn_file), '--data', str(labelled_folder), '--int8',
+                    '--out', str(tmp_path / 'cnn')]) == 2
+    assert 'int8 is offered for the CLIP ViT only' in capsys.readouterr().err

@@ -93,3 +93,43 @@ def test_loaded_model_predicts_without_page_faulting_its_activations_in_again(ti
             model(x)
         faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
     assert faults < 50, f'{faults:.0f} page faults per forward'
+
+
+@pytest.mark.parametrize('quick_gelu', [True, False], ids=['openai-quickgelu', 'openclip-gelu'])
+def test_int8_vit_stays_close_to_fp32_and_follows_its_parameters(quick_gelu):
+    """quantize_int8: the transformer matmuls really run in int8 (outputs move, a little), the state_dict stays
+    the fp32 one, and the int8 copies follow a change of the parameters."""
+    from flowers_fastai.inference_nets import Int8Linear, quantize_int8
+    spec = ClipTowerSpec(image_size=32, patch_size=8, width=64, layers=2, output_dim=32, head_width=32,
+                         quick_gelu=quick_gelu)
+    reference = _randomize(ClipClassifier(spec)).eval()
+    model = pack_for_cpu(ClipViTClassifier(spec).eval())
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        fp32 = reference(x)
+        assert quantize_int8(model) is model
+        int8 = model(x)
+    assert all(isinstance(p, Int8Linear) for block in model.visual.transformer.resblocks
+               for p in block.attn.packed + block.mlp.packed)
+    assert not torch.allclose(int8, fp32, atol=1e-6)                          # not the fp32 path
+    assert (int8 - fp32).abs().max() < 0.02 * fp32.abs().max()                 # int8 error: about 1 %
+    assert torch.equal(int8.softmax(1).argmax(1), fp32.softmax(1).argmax(1))
+    assert sorted(model.state_dict()) == sorted(reference.state_dict())
+    name = 'visual.transformer.resblocks.1.mlp.c_proj.weight'
+    delta = torch.randn_like(model.get_parameter(name))
+    with torch.no_grad():
+        model.get_parameter(name).add_(delta)
+        reference.get_parameter(name).add_(delta)
+    with torch.inference_mode():
+        moved, expected = model(x), reference(x)
+    assert not torch.allclose(moved, int8, atol=1e-3)
+    assert (moved - expected).abs().max() < 0.02 * expected.abs().max()
+    with torch.enable_grad():                                                  # autograd: the fp32 path
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_int8_is_refused_for_the_cnn():
+    from flowers_fastai.inference_nets import quantize_int8
+    with pytest.raises(TypeError, match='CLIP ViT only'):
+        quantize_int8(ConvNeXtV2(*CONVNEXTV2_SIZES['atto']))

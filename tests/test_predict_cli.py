@@ -43,3 +43,15 @@ def test_ensemble_without_a_vit_file_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match='vit_flowers.pth'):
         main([str(EXAMPLES), '--model', 'ensemble'])
+
+
+def test_int8_runs_the_vit_in_int8_and_is_refused_for_the_cnn(tiny_cnn_file, tiny_vit_file, tmp_path, capsys):
+    from flowers_fastai.predict import load_chosen_model
+    from flowers_fastai.inference_nets import Int8Linear
+    out = tmp_path / 'int8.csv'
+    assert main([str(EXAMPLES), '--model', 'vit', '--weights', str(tiny_vit_file), '--int8', '--csv', str(out)]) == 0
+    assert len(list(csv.DictReader(out.open()))) == len(list(EXAMPLES.glob('*.jpg')))
+    ensemble = load_chosen_model('ensemble', str(tiny_cnn_file), str(tiny_vit_file), int8=True)
+    assert isinstance(ensemble.members[1].visual.transformer.resblocks[0].attn.packed[0], Int8Linear)
+    with pytest.raises(SystemExit, match='ViT only'):
+        main([str(EXAMPLES), '--weights', str(tiny_cnn_file), '--int8'])
