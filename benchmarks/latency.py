@@ -18,6 +18,9 @@ Everything is measured in this one run, on this machine:
   alternated 3 times (medians);
 - baseline (unless --no-baseline): the same weights in timm's / open_clip's own network, eager, through the same
   `predict` (3 rounds): what the delivery networks of inference_nets.py are measured against.
+- int8 (unless --no-int8): the ViT with its transformer matmuls in int8 (`submit.quantize_int8`): latency, its
+  speed-up over fp32 in this run, and its cold start (quantizing included). Its accuracy change is not a speed
+  matter: `python -m flowers_fastai.evaluate --weights ... --data DIR --int8` measures it on held-out photos.
 Random initialisation: speed does not depend on the weights' values. Targets (issue 4): CNN <= 1.5x its floor
 and cold start <= 2 s; ViT-L/14 <= 1.15x and cold start <= 8 s; batch throughput within 10 % of the model's.
 """
@@ -99,18 +102,20 @@ def make_weights(family: str, folder: Path) -> tuple[Path, torch.nn.Module, int,
 COLD = """
 import sys, time, torch
 t0 = time.perf_counter()
-from flowers_fastai.submit import load_cnn_model, load_vit_model, predict
+from flowers_fastai.submit import load_cnn_model, load_vit_model, predict, quantize_int8
 model = (load_cnn_model if sys.argv[1] == 'cnn' else load_vit_model)(sys.argv[2])
+if sys.argv[4] == 'int8':
+    model = quantize_int8(model)
 predict(model, sys.argv[3])
 print(time.perf_counter() - t0)
 """
 
 
-def cold_start(family: str, weights: Path, runs: int = 3) -> float:
+def cold_start(family: str, weights: Path, runs: int = 3, int8: bool = False) -> float:
     """Median over fresh interpreters (the weights file is in the page cache after the first run)."""
-    times = [float(subprocess.run([sys.executable, '-c', COLD, family, str(weights), str(PHOTOS[0])], cwd=REPO,
-                                  capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-             for _ in range(runs)]
+    argv = [sys.executable, '-c', COLD, family, str(weights), str(PHOTOS[0]), 'int8' if int8 else 'fp32']
+    times = [float(subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=True)
+                   .stdout.strip().splitlines()[-1]) for _ in range(runs)]
     return statistics.median(times)
 
 
@@ -185,12 +190,13 @@ def main(argv=None) -> int:
     parser.add_argument('--models', nargs='+', choices=['cnn', 'vit'], default=['cnn', 'vit'])
     parser.add_argument('--no-baseline', action='store_true',
                         help='skip the baseline: the same weights in timm / open_clip\'s own network, eager')
+    parser.add_argument('--no-int8', action='store_true', help='skip the int8 ViT measurement')
     parser.add_argument('--runs', type=int, default=0, help='timed predictions per round, 5 rounds (default: 15 CNN, 3 ViT)')
     args = parser.parse_args(argv)
-    from flowers_fastai.submit import load_cnn_model, load_vit_model
+    from flowers_fastai.submit import load_cnn_model, load_vit_model, quantize_int8
     print(f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}')
     print(f'fp32 matmul peak (2048-4096 squares, MKL and oneDNN): {matmul_peak() / 1e9:.0f} GFLOP/s')
-    rows = []
+    rows, int8_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.models:
             weights, reference, size, attention = make_weights(family, Path(tmp))
@@ -212,6 +218,10 @@ def main(argv=None) -> int:
                              floor_ms=flops / lat['peak'] * 1e3, ms=lat['ms'], ratio=lat['ratio'],
                              ratio_range=lat['ratio_range'], ratio_target=ratio_target, faults=lat['faults'],
                              cold_s=cold, cold_target=cold_target, batch=batch, batch_img_s=e2e, model_img_s=alone))
+            if family == 'vit' and not args.no_int8:
+                int8 = latency(quantize_int8(model), flops, rounds=5, per_round=args.runs or 3)
+                int8_rows.append(dict(ms=int8['ms'], fp32_ms=lat['ms'], cold_s=cold_start(family, weights, int8=True),
+                                      ratio=int8['ratio'], ratio_range=int8['ratio_range']))
             del model
     print('\n| model | GFLOP | floor (ms) | predict (ms) | ratio (target) | ratio, 5 rounds | page faults / predict '
           '| cold start s (target) | batch | predict_files img/s | model alone img/s | share |')
@@ -221,6 +231,11 @@ def main(argv=None) -> int:
               f"{r['ratio']:.2f}x (<= {r['ratio_target']}) | {r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f} | "
               f"{r['faults']:.0f} | {r['cold_s']:.2f} (<= {r['cold_target']:.0f}) | "
               f"{r['batch']} | {r['batch_img_s']:.2f} | {r['model_img_s']:.2f} | {r['batch_img_s'] / r['model_img_s']:.1%} |")
+    for r in int8_rows:
+        print(f"\nCLIP ViT-L/14 224, int8 matmuls (submit.quantize_int8): {r['ms']:.1f} ms per predict, "
+              f"{r['fp32_ms'] / r['ms']:.2f}x faster than fp32 in this run ({r['fp32_ms']:.1f} ms); "
+              f"{r['ratio']:.2f}x the fp32 FLOP floor (rounds {r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}); "
+              f"cold start {r['cold_s']:.2f} s")
     return 0
 
 
