@@ -141,22 +141,24 @@ class Int8Linear:
     input quantized on each call from its own range, the products summed in int32 (fbgemm), as
     `torch.ao.quantization.quantize_dynamic` does to an `nn.Linear`; written out here because the attention's
     `in_proj_weight` is not an `nn.Linear` and QuickGELU's constants are folded into the weights (`weight_scale`,
-    `bias_scale`). It carries its bias: `linear` ignores the one it is given. Like `PackedWeight`, a cache beside
-    the parameters, quantized again if they change."""
+    `bias_scale`). It reads its parameters from `module` by name, so it carries its bias (`linear` ignores the one
+    it is given) and, like `PackedWeight`, is a cache beside the parameters, quantized again when they change or
+    are replaced (`load_state_dict(assign=True)`)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, weight_scale: float = 1.0, bias_scale: float = 1.0):
-        self.weight, self.bias, self.weight_scale, self.bias_scale = weight, bias, weight_scale, bias_scale
+    def __init__(self, module: nn.Module, weight: str, bias: str, weight_scale: float = 1.0, bias_scale: float = 1.0):
+        self.module, self.names, self.weight_scale, self.bias_scale = module, (weight, bias), weight_scale, bias_scale
         self._key, self._packed = None, None
 
     def _pack(self):
-        key = tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in (self.weight, self.bias))
+        weight, bias = (getattr(self.module, name) for name in self.names)
+        key = tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in (weight, bias))
         if key != self._key:
-            w = self.weight.detach().float() * self.weight_scale
+            w = weight.detach().float() * self.weight_scale
             scales = (w.abs().amax(dim=1) / 127.5).clamp_min(torch.finfo(torch.float32).eps).double()
             with warnings.catch_warnings():   # torch marks its quantized tensors deprecated; the ops remain in 2.x
                 warnings.simplefilter('ignore', UserWarning)
                 q = torch.quantize_per_channel(w, scales, torch.zeros(len(w), dtype=torch.long), 0, torch.qint8)
-                self._packed = torch.ops.quantized.linear_prepack(q, self.bias.detach().float() * self.bias_scale)
+                self._packed = torch.ops.quantized.linear_prepack(q, bias.detach().float() * self.bias_scale)
             self._key = key
         return self._packed
 
@@ -180,12 +182,10 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         raise RuntimeError('this torch build has no x86 quantized CPU kernels (fbgemm): int8 is unavailable')
     for block in model.visual.transformer.resblocks:
         attn, mlp = block.attn, block.mlp
-        attn.packed = (Int8Linear(attn.in_proj_weight, attn.in_proj_bias),
-                       Int8Linear(attn.out_proj.weight, attn.out_proj.bias))
+        attn.packed = (Int8Linear(attn, 'in_proj_weight', 'in_proj_bias'),
+                       Int8Linear(attn.out_proj, 'weight', 'bias'))
         a = QUICK_GELU_ALPHA if mlp.quick_gelu else 1.0   # as in _ClipMlp.pack: swish on a * c_fc, then c_proj / a
-        mlp.packed = (Int8Linear(mlp.c_fc.weight, mlp.c_fc.bias, a, a),
-                      Int8Linear(mlp.c_proj.weight, mlp.c_proj.bias, 1 / a))
-    model.flowers_int8 = True
+        mlp.packed = (Int8Linear(mlp.c_fc, 'weight', 'bias', a, a), Int8Linear(mlp.c_proj, 'weight', 'bias', 1 / a))
     return model
 
 

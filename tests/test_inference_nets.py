@@ -125,6 +125,15 @@ def test_int8_vit_stays_close_to_fp32_and_follows_its_parameters(quick_gelu):
         moved, expected = model(x), reference(x)
     assert not torch.allclose(moved, int8, atol=1e-3)
     assert (moved - expected).abs().max() < 0.02 * expected.abs().max()
+    other = _randomize(ClipClassifier(spec)).eval()                           # parameters replaced, not changed
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    model.load_state_dict(other.state_dict(), assign=True)
+    with torch.inference_mode():
+        replaced, expected = model(x), other(x)
+    assert (replaced - expected).abs().max() < 0.02 * expected.abs().max()
+    assert not torch.allclose(replaced, moved, atol=1e-3)
     with torch.enable_grad():                                                  # autograd: the fp32 path
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-4)
 
