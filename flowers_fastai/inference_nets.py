@@ -9,9 +9,10 @@ Why hand-written (timm and open_clip build the same networks for training):
   inductor emits for CPU) with packed weights and the activation and residual sum fused in, which on the AMD CPU
   measured here beats the MKL sgemm behind `F.linear`; convolution weights are packed too
   (`_convolution_pointwise`); activations stay channels-last, so ConvNeXt's NCHW <-> NHWC permutes are free;
-  GRN's bias is folded into the next matmul and its scale applied in place. docs/benchmarks.md has the numbers. Training keeps timm /
-  open_clip: this is inference only (no_grad / inference_mode); with autograd on, the plain `F.linear` path is
-  taken.
+  GRN's bias is folded into the next matmul and its scale applied in place. docs/benchmarks.md has the numbers.
+  Training keeps timm / open_clip: this is inference only (no_grad / inference_mode); with autograd on, the
+  plain `F.linear` / `conv2d` path is taken.
+- optional int8 for the ViT's matmuls (`quantize_int8`).
 """
 from __future__ import annotations
 
@@ -190,9 +191,10 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 
 def pack_for_cpu(model: nn.Module) -> nn.Module:
-    """Pack every linear weight of an inference network for oneDNN (once, at load time), put its convolution
-    weights in channels-last order, and keep freed activation memory mapped (`keep_freed_memory`). The
-    outputs do not change; the state_dict neither."""
+    """Pack every linear and convolution weight of an inference network for oneDNN (linear ones at load time,
+    convolution ones at the first input of each shape), put its convolution weights in channels-last order, and
+    keep freed activation memory mapped (`keep_freed_memory`). The outputs do not change; the state_dict neither.
+    (After `quantize_int8`, this puts the ViT back to fp32.)"""
     keep_freed_memory()
     if isinstance(model, ConvNeXtV2):
         with torch.inference_mode(False):   # even when loaded under inference_mode: keep normal parameters
