@@ -246,8 +246,8 @@ class _GRN(nn.Module):
     def scale(self, x_nhwc: torch.Tensor) -> torch.Tensor:
         """weight * N(x), per image and channel: GRN is x + bias + x * scale(x). The spatial L2 norm as
         sqrt(sum of squares) (on channels-last activations 5-7x faster than `vector_norm` over the two spatial
-        dims); the channel mean as a sum, N = C g / (sum g + C eps). Few ops: on these small vectors each op
-        costs its dispatch, 10-20 us right after a big matmul has evicted the dispatcher's code and data."""
+        dims); the channel mean as a sum, N = C g / (sum g + C eps). Few ops: these run right after a big matmul,
+        where each small op costs 10-20 us on this CPU (timed inside the network) instead of 1-2 us in a loop."""
         g = (x_nhwc * x_nhwc).sum(dim=(1, 2), keepdim=True).sqrt_()
         c = g.shape[-1]
         return (g * self.weight).div_(g.sum(dim=-1, keepdim=True).add_(c * self.eps)).mul_(c)
