@@ -48,6 +48,7 @@ __all__ = ['ARRAY_KEYS', 'ECE_BINS', 'EvaluationError', 'LabelledFolder', 'scan_
 ECE_BINS = 15
 # keys of evaluate()'s result that hold tensors / per-photo data rather than summary numbers
 ARRAY_KEYS = ('paths', 'targets', 'probabilities')
+VARIANT_NAMES = {'plain': 'plain', 'tta': 'TTA', 'int8': 'int8 ViT'}   # evaluated forms of the model, as shown
 
 
 class EvaluationError(ValueError):
@@ -267,7 +268,7 @@ def write_confusion_png(cm: list[list[int]], path: Path, title: str) -> Path:
 
 
 def _write_outputs(out: Path, results: dict[str, dict], n_bins: int) -> list[str]:
-    """CSV files and pictures of each variant ('plain', 'tta'); returns the names written."""
+    """CSV files and pictures of each variant (VARIANT_NAMES); returns the names written."""
     written = []
     for variant, result in results.items():
         suffix = '' if variant == 'plain' else f'_{variant}'
@@ -300,9 +301,6 @@ def _write_outputs(out: Path, results: dict[str, dict], n_bins: int) -> list[str
 
 
 # ---------------------------------------------------------------------------------------------- the summary
-VARIANT_NAMES = {'plain': 'plain', 'tta': 'TTA', 'int8': 'int8 ViT'}
-
-
 def _table(results: dict[str, dict]) -> list[str]:
     variants = list(results)
     head = [VARIANT_NAMES[v] for v in variants]
@@ -373,10 +371,8 @@ def main(argv=None) -> int:
     results = {}
     try:
         for variant in ['plain'] + (['tta'] if args.tta else []) + (['int8'] if args.int8 else []):
-            if variant == 'int8':   # in place, after the fp32 variants
-                for member in members(model):
-                    if isinstance(member, ClipViTClassifier):
-                        quantize_int8(member)
+            if variant == 'int8':   # in place (an ensemble: its ViT member), after the fp32 variants
+                quantize_int8(model)
             results[variant] = evaluate(model, folder.items, batch_size=args.batch_size, tta=variant == 'tta',
                                         progress=None)
     except EvaluationError as err:

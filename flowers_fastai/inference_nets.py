@@ -174,14 +174,16 @@ class Int8Linear:
 
 def quantize_int8(model: nn.Module) -> nn.Module:
     """The CLIP ViT's transformer matmuls in int8 (`Int8Linear`), in place; the patch embedding, attention
-    products, layer norms and the head stay fp32. Returns the model: the same module, same state_dict (fp32),
-    its outputs close to the fp32 ones but not equal: measure the accuracy change on held-out photos
+    products, layer norms and the head stay fp32. `model`: a `ClipViTClassifier`, or a module holding some (an
+    ensemble: its ViT is quantized, its CNN left as is). Returns the model: the same module, same state_dict
+    (fp32), its outputs close to the fp32 ones but not equal: measure the accuracy change on held-out photos
     (`python -m flowers_fastai.evaluate ... --int8`) before relying on it. CPU, inference only."""
-    if not isinstance(model, ClipViTClassifier):
-        raise TypeError(f'int8 is offered for the CLIP ViT only, not {type(model).__name__}')
+    vits = [m for m in model.modules() if isinstance(m, ClipViTClassifier)]
+    if not vits:
+        raise TypeError(f'int8 is offered for the CLIP ViT only, and this {type(model).__name__} holds none')
     if not {'fbgemm', 'x86'} & set(torch.backends.quantized.supported_engines):
         raise RuntimeError('this torch build has no x86 quantized CPU kernels (fbgemm): int8 is unavailable')
-    for block in model.visual.transformer.resblocks:
+    for block in (block for vit in vits for block in vit.visual.transformer.resblocks):
         attn, mlp = block.attn, block.mlp
         attn.packed = (Int8Linear(attn, 'in_proj_weight', 'in_proj_bias'),
                        Int8Linear(attn.out_proj, 'weight', 'bias'))

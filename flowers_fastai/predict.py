@@ -46,11 +46,9 @@ def load_chosen_model(kind: str, weights: str | None = None, vit_weights: str | 
         return load_cnn_model(weights or 'cnn_flowers.pth')
     if kind == 'vit':
         model = load_vit_model(vit_weights or weights or 'vit_flowers.pth')
-        return quantize_int8(model) if int8 else model
-    model = load_ensemble(weights or 'cnn_flowers.pth', vit_weights or 'vit_flowers.pth')
-    if int8:
-        quantize_int8(model.members[1])
-    return model
+    else:
+        model = load_ensemble(weights or 'cnn_flowers.pth', vit_weights or 'vit_flowers.pth')
+    return quantize_int8(model) if int8 else model   # an ensemble: its ViT member
 
 
 def main(argv=None) -> int:
