@@ -114,7 +114,11 @@ def open_image(image_path: str | os.PathLike, draft_min_side: int | None = None)
 
 
 def resize_center_crop(img: Image.Image, pp: Preprocessing) -> Image.Image:
-    """Resize the shorter side to `pp.resize_to` (bicubic), then crop the central `pp.size` square."""
+    """Resize the shorter side to `pp.resize_to` (bicubic), then crop the central `pp.size` square.
+
+    Not `img.resize(..., box=crop)`, which would compute only the kept pixels (0.6 ms faster on the examples):
+    PIL then orders its two passes differently and rounds in between, and on the 3,887 photos of the data set
+    that changed pixels by up to 20 levels of 255, mostly on photos smaller than the resize."""
     w, h = img.size
     scale = pp.resize_to / min(w, h)
     new_w, new_h = max(pp.size, round(w * scale)), max(pp.size, round(h * scale))
@@ -124,12 +128,15 @@ def resize_center_crop(img: Image.Image, pp: Preprocessing) -> Image.Image:
 
 
 def to_normalized_tensor(img: Image.Image, pp: Preprocessing) -> torch.Tensor:
-    """uint8 HWC image -> normalised float32 1x3xHxW tensor, the same arithmetic as fastai's
-    `IntToFloatTensor` + `Normalize` so that validation and `submit` agree to the last bit."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(pp.mean).view(3, 1, 1)
-    std = torch.tensor(pp.std).view(3, 1, 1)
-    return ((x - mean) / std).unsqueeze(0)
+    """uint8 HWC image -> normalised float32 1x3xHxW tensor (channels-last in memory), the same arithmetic as
+    fastai's `IntToFloatTensor` + `Normalize` ((x / 255 - mean) / std) so that validation and `submit` agree to
+    the last bit. Done in place on H rows of W (r, g, b) triples, against a row of W repeated means and stds:
+    broadcast over a 3-wide last dimension, the same three ops took 0.33 ms instead of 0.13 at 224 px here."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).float()
+    height, width, _ = x.shape
+    rows = x.view(height, width * 3)
+    rows.div_(255.0).sub_(torch.tensor(pp.mean).repeat(width)).div_(torch.tensor(pp.std).repeat(width))
+    return x.permute(2, 0, 1).unsqueeze(0)
 
 
 def load_for_model(image_path: str | os.PathLike, pp: Preprocessing) -> torch.Tensor:
