@@ -43,7 +43,8 @@ def members(model: nn.Module) -> list[nn.Module]:
     if isinstance(model, Ensemble):
         return list(model.members)
     if getattr(model, 'flowers_preprocessing', None) is None:
-        raise TypeError('expected a model returned by load_cnn_model(), load_vit_model() or load_ensemble()')
+        raise TypeError('expected a model returned by load_cnn_model(), load_vit_model() or load_ensemble(), '
+                        f'not {type(model).__name__}')
     return [model]
 
 

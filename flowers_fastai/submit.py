@@ -36,7 +36,7 @@ from torch import nn
 
 from .architectures import (CONVNEXTV2_SIZES, NUM_CLASSES, family_of, infer_clip_spec, infer_cnn_arch,
                             load_exactly)
-from .inference import Ensemble, as_dict, load_image, probabilities
+from .inference import Ensemble, as_dict, load_image, members, probabilities
 from .inference_nets import ClipViTClassifier, ConvNeXtV2, pack_for_cpu, quantize_int8
 from .labels import CLASSES
 from .preprocess import Preprocessing, cnn_preprocessing, load_for_model, vit_preprocessing
@@ -179,8 +179,7 @@ def load_ensemble(cnn_path='cnn_flowers.pth', vit_path='vit_flowers.pth') -> Ens
 
 
 def _check(model: nn.Module, image_path) -> None:
-    if getattr(model, 'flowers_preprocessing', None) is None and not isinstance(model, Ensemble):
-        raise TypeError('predict() takes a model returned by load_cnn_model(), load_vit_model() or load_ensemble()')
+    members(model)   # TypeError for anything load_* / load_ensemble did not return
     if not isinstance(image_path, (str, os.PathLike)):
         raise TypeError(f'image_path must be a str or os.PathLike, not {type(image_path).__name__}')
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from flowers_fastai import preprocess, submit
 from flowers_fastai.preprocess import TruncatedImageWarning, open_image
-from flowers_fastai.submit import CLASSES, load_cnn_model, load_vit_model, predict
+from flowers_fastai.submit import CLASSES, load_cnn_model, load_vit_model, predict, predict_proba
 
 from .conftest import REPO, real_photos
 
@@ -378,8 +378,10 @@ def test_predict_type_errors(tmp_path, cnn_model, tiny_cnn_file):
     raw = build_cnn('convnextv2_atto').eval()          # the right network, but not from load_cnn_model
     raw.load_state_dict(torch.load(tiny_cnn_file, weights_only=True))
     for model in (raw, nn.Linear(3, 5), None, 'cnn_flowers.pth'):
-        with pytest.raises(TypeError):
+        with pytest.raises(TypeError, match=r'returned by load_cnn_model\(\), load_vit_model\(\) or load_ensemble'):
             predict(model, path)
+        with pytest.raises(TypeError, match='returned by load_cnn_model'):
+            predict_proba(model, path)
     for bad_path in (42, None, b'x', [str(path)]):
         with pytest.raises(TypeError):
             predict(cnn_model, bad_path)
