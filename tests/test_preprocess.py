@@ -16,12 +16,10 @@ PREPROCESSINGS = [cnn_preprocessing(224), vit_preprocessing(224), cnn_preprocess
 
 
 def _resize_then_crop(img: Image.Image, pp) -> Image.Image:
-    """The textbook version: resize the whole photo, then crop its center."""
-    w, h = img.size
-    scale = pp.resize_to / min(w, h)
-    new_w, new_h = max(pp.size, round(w * scale)), max(pp.size, round(h * scale))
-    resized = img.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - pp.size) // 2, (new_h - pp.size) // 2
+    """The textbook recipe: the whole photo resized (shorter side to `resize_to`), then its central square."""
+    scale = pp.resize_to / min(img.size)
+    resized = img.resize(tuple(max(pp.size, round(side * scale)) for side in img.size), Image.BICUBIC)
+    left, top = ((side - pp.size) // 2 for side in resized.size)
     return resized.crop((left, top, left + pp.size, top + pp.size))
 
 
