@@ -131,7 +131,7 @@ def to_normalized_tensor(img: Image.Image, pp: Preprocessing) -> torch.Tensor:
     """uint8 HWC image -> normalised float32 1x3xHxW tensor (channels-last in memory), the same arithmetic as
     fastai's `IntToFloatTensor` + `Normalize` ((x / 255 - mean) / std) so that validation and `submit` agree to
     the last bit. Done in place on H rows of W (r, g, b) triples, against a row of W repeated means and stds:
-    broadcast over a 3-wide last dimension, the same three ops took 0.33 ms instead of 0.13 at 224 px here."""
+    broadcasting the 3 means and stds instead made this function take 0.33 ms rather than 0.13 at 224 px here."""
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).float()
     height, width, _ = x.shape
     rows = x.view(height, width * 3)
