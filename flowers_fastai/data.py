@@ -49,8 +49,8 @@ def scan_image_folder(root: str | Path, check_decodable: bool = True) -> Scanned
     by_class = class_folders(root, DatasetError)
     missing = [c for c in CLASSES if c not in by_class]
     if missing:
-        found = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith('.')]
-        raise DatasetError(f'{root}: no folder for class(es) {missing}; found {sorted(found)}')
+        found = sorted(folder.name for folders in by_class.values() for folder in folders)   # every folder is one
+        raise DatasetError(f'{root}: no folder for class(es) {missing}; found {found}')
 
     scanned = ScannedFolder(items=[])
     for label, folders in by_class.items():
