@@ -8,8 +8,10 @@ import socket
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO.parent / 'shared' / 'data' / 'flowers'
@@ -98,3 +100,20 @@ def tiny_vit_file(tmp_path_factory, tiny_clip_name) -> Path:
     torch.save(ClipClassifier(spec).state_dict(), path)
     path.with_suffix('.json').write_text(json.dumps({'family': 'vit', 'quick_gelu': True, 'head_width': 32}))
     return path
+
+
+COLOURS = {'daisy': (240, 240, 240), 'dandelion': (250, 210, 0), 'rose': (200, 0, 30),
+           'sunflower': (255, 140, 0), 'tulip': (150, 0, 200)}
+
+
+@pytest.fixture(scope='module')
+def colour_folder(tmp_path_factory):
+    """An easy, learnable data set: each class is a noisy photo of its own colour (12 per class)."""
+    root = tmp_path_factory.mktemp('colours')
+    rng = np.random.default_rng(0)
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir()
+        for i in range(12):
+            pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (40, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f'{i}.jpg', quality=95)
+    return root

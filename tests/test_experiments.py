@@ -10,10 +10,8 @@ import torch
 from flowers_fastai.exporting import export_run, latest_run
 from flowers_fastai.labels import CLASSES
 
-from .test_training import colour_folder  # noqa: F401  (module-scoped fixture)
 
-
-def test_seeds_protocol_summarises_resumes_and_exports_the_best_seed(colour_folder, tmp_path, capsys):  # noqa: F811
+def test_seeds_protocol_summarises_resumes_and_exports_the_best_seed(colour_folder, tmp_path, capsys):
     import train as train_cli
     argv = ['cnn', '--seeds', '0', '1', '--data', str(colour_folder), '--runs', str(tmp_path), '--name', 'exp',
             '--arch', 'convnextv2_atto', '--size', '32', '--bs', '8', '--epochs', '2', '--lr', '3e-3',

@@ -11,7 +11,7 @@ from flowers_fastai.lora import TARGETS, apply_lora, is_lora_parameter, merge_lo
 from flowers_fastai.preprocess import load_for_model
 from flowers_fastai.recipes import VIT
 
-from .test_training import PLAIN, _fastai_logits, colour_folder  # noqa: F401  (module-scoped fixture)
+from .test_training import PLAIN, _fastai_logits
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def test_lora_starts_as_the_original_trains_only_updates_and_merges_to_the_same_
     assert sorted(tiny_model.state_dict()) == sorted(plain_keys)        # plain open_clip layout again
 
 
-def test_lora_training_keeps_the_tower_and_exports_a_merged_plain_file(colour_folder, tmp_path,  # noqa: F811
+def test_lora_training_keeps_the_tower_and_exports_a_merged_plain_file(colour_folder, tmp_path,
                                                                         tiny_clip_name):
     import open_clip
     from flowers_fastai.exporting import export_run
@@ -101,7 +101,7 @@ def _stand_in_clip(tiny_clip_name, tmp_path):
     return clip, stand_in
 
 
-def test_lora_then_light_full_fine_tune_merges_trains_every_weight_and_exports(colour_folder, tmp_path,  # noqa: F811
+def test_lora_then_light_full_fine_tune_merges_trains_every_weight_and_exports(colour_folder, tmp_path,
                                                                                 tiny_clip_name, monkeypatch):
     from flowers_fastai import training
     from flowers_fastai.exporting import export_run
@@ -134,7 +134,7 @@ def test_lora_then_light_full_fine_tune_merges_trains_every_weight_and_exports(c
 
 
 @pytest.mark.parametrize('crash_at', [(1, 0), (2, 0)], ids=['end-of-lora-phase', 'inside-full-fine-tune'])
-def test_lora_run_resumes_across_the_merge(colour_folder, tmp_path, tiny_clip_name, monkeypatch, crash_at):  # noqa: F811
+def test_lora_run_resumes_across_the_merge(colour_folder, tmp_path, tiny_clip_name, monkeypatch, crash_at):
     from flowers_fastai.exporting import export_run
     from flowers_fastai.lora import has_lora
     from flowers_fastai.submit import load_vit_model

@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from flowers_fastai.exporting import export_run, latest_run
 from flowers_fastai.labels import CLASSES
@@ -23,23 +22,6 @@ from flowers_fastai.submit import load_cnn_model, load_vit_model, predict
 from flowers_fastai.training import ResumableCheckpoint, train
 
 from .conftest import REPO, real_photos
-
-COLOURS = {'daisy': (240, 240, 240), 'dandelion': (250, 210, 0), 'rose': (200, 0, 30),
-           'sunflower': (255, 140, 0), 'tulip': (150, 0, 200)}
-
-
-@pytest.fixture(scope='module')
-def colour_folder(tmp_path_factory):
-    """An easy, learnable data set: each class is a noisy photo of its own colour (12 per class)."""
-    root = tmp_path_factory.mktemp('colours')
-    rng = np.random.default_rng(0)
-    for name, rgb in COLOURS.items():
-        (root / name).mkdir()
-        for i in range(12):
-            pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (40, 48, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f'{i}.jpg', quality=95)
-    return root
-
 
 # Tests of the training machinery run without the seed's regularisation (tested on its own), at the given LR.
 PLAIN = dict(randaugment=0, color_jitter=0.0, random_erasing=0.0, mixup=0.0, cutmix=0.0, ema_decay=0.0, patience=0,
