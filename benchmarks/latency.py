@@ -237,7 +237,7 @@ def main(argv=None) -> int:
         share = r['batch_img_s'] / r['model_img_s']
         print(f"| {r['model']} | {r['gflops']:.2f} | {r['floor_ms']:.1f} | {r['ms']:.1f} | "
               f"{r['ratio']:.3f}x (<= {r['ratio_target']}: {verdict(r['ratio'] <= r['ratio_target'])}) | "
-              f"{r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f} | {r['faults']:.0f} | "
+              f"{r['ratio_range'][0]:.3f}-{r['ratio_range'][1]:.3f} | {r['faults']:.0f} | "
               f"{r['cold_s']:.2f} (<= {r['cold_target']:.0f}: {verdict(r['cold_s'] <= r['cold_target'])}) | "
               f"{r['batch']} | {r['batch_img_s']:.2f} | {r['model_img_s']:.2f} | {share:.1%} "
               f"(>= {BATCH_SHARE_TARGET:.0%}: {verdict(share >= BATCH_SHARE_TARGET)}) |")
