@@ -87,7 +87,9 @@ def count_flops(model: torch.nn.Module, size: int, attention: tuple[int, int, in
     return float(flops)
 
 
-def make_weights(family: str, folder: Path) -> tuple[Path, torch.nn.Module, int, tuple | None]:
+def random_network(family: str) -> tuple[torch.nn.Module, int, tuple | None, dict]:
+    """The benchmarked delivery network (convnextv2_tiny or CLIP ViT-L/14, 224 px), seeded random weights, eval
+    mode: (model, input size, attention's (blocks, tokens, width) or None, its weight file's sidecar)."""
     torch.manual_seed(0)
     if family == 'cnn':
         model, size, attention = ConvNeXtV2(*CONVNEXTV2_SIZES['tiny']), 224, None
@@ -100,10 +102,15 @@ def make_weights(family: str, folder: Path) -> tuple[Path, torch.nn.Module, int,
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
+    return model.eval(), size, attention, sidecar
+
+
+def make_weights(family: str, folder: Path) -> tuple[Path, torch.nn.Module, int, tuple | None]:
+    model, size, attention, sidecar = random_network(family)
     path = folder / f'{family}_flowers.pth'
     torch.save(model.state_dict(), path)
     path.with_suffix('.json').write_text(json.dumps(sidecar))
-    return path, model.eval(), size, attention
+    return path, model, size, attention
 
 
 COLD = """

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flowers_fastai import inference_nets as nets  # noqa: E402
-from flowers_fastai.architectures import CONVNEXTV2_SIZES, ClipTowerSpec  # noqa: E402
+from latency import random_network  # noqa: E402
 
 
 def _timed(totals: dict, name_of, fn):
@@ -76,13 +76,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     print(f'{torch.get_num_threads()} threads, torch {torch.__version__}')
     for family in args.models:
-        torch.manual_seed(0)
-        model = (nets.ConvNeXtV2(*CONVNEXTV2_SIZES['tiny']) if family == 'cnn'
-                 else nets.ClipViTClassifier(ClipTowerSpec())).eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.02)
-        nets.pack_for_cpu(model)
+        model = nets.pack_for_cpu(random_network(family)[0])   # the network latency.py times
         forward, parts, gflop = budget(model, args.runs or (20 if family == 'cnn' else 3))
         print(f'\n{"convnextv2_tiny" if family == "cnn" else "CLIP ViT-L/14"} 224 px: forward {forward:.1f} ms')
         for kind, ms in sorted(parts.items(), key=lambda kv: -kv[1]):
