@@ -46,6 +46,7 @@ def cpu_ticks() -> dict[int, tuple[str, int]]:
 
 
 def ranks(values: list[float]) -> list[int]:
+    """Each value's rank, 0 for the smallest."""
     order = sorted(range(len(values)), key=values.__getitem__)
     rank = [0] * len(values)
     for r, i in enumerate(order):
@@ -117,16 +118,19 @@ def main(argv=None) -> int:
 
     if args.rounds_seconds > 0:
         rounds = paired_rounds(model, args.rounds_seconds)
-        matmul, read, ms = (list(column) for column in zip(*rounds))
+        matmul, read, latency_ms = (list(column) for column in zip(*rounds))
         print(f'{len(rounds)} paired rounds in {args.rounds_seconds:.0f} s (min / median / max):')
         for label, values, unit in (('1024^2 matmul', matmul, 'GFLOP/s'), ('256 MB read', read, 'GB/s'),
-                                    ('predict, median of 5', ms, 'ms')):
+                                    ('predict, median of 5', latency_ms, 'ms')):
             print(f'  {label:21} {min(values):6.1f} / {statistics.median(values):6.1f} / {max(values):6.1f} {unit}')
-        print(f'  rank correlation of the latency with the matmul rate: {spearman(ms, matmul):+.2f}, '
-              f'with the memory read rate: {spearman(ms, read):+.2f}')
+        print(f'  rank correlation of the latency with the matmul rate: {spearman(latency_ms, matmul):+.2f}, '
+              f'with the memory read rate: {spearman(latency_ms, read):+.2f}')
         by_speed = sorted(rounds, reverse=True)   # fastest matmul first
         quarter = max(1, len(rounds) // 4)
-        ratio = lambda part: statistics.median(m / (flops / (g * 1e9) * 1e3) for g, _, m in part)  # noqa: E731
+
+        def ratio(part):   # median over the rounds of latency / (FLOPs / that round's matmul rate)
+            return statistics.median(ms / 1e3 / (flops / (gflops * 1e9)) for gflops, _, ms in part)
+
         print(f'  ratio to the floor, median: {ratio(rounds):.3f}x; in the fastest-matmul quarter of rounds '
               f'{ratio(by_speed[:quarter]):.3f}x, in the slowest {ratio(by_speed[-quarter:]):.3f}x')
     return 0
