@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from flowers_fastai.exporting import FAMILIES, export_run, latest_run, run_config
+from flowers_fastai.exporting import FAMILIES, RunFolderError, export_run, finished_runs, run_config
 
 ROOT = Path(__file__).resolve().parent
 
@@ -31,25 +31,48 @@ def main(argv=None) -> int:
                         help='skip temperature scaling on the validation photos (temperature stays 1.0)')
     args = parser.parse_args(argv)
 
+    warned = set()
+
+    def warn(message: str) -> None:
+        if message not in warned:    # a run with a broken config.json is met once per family
+            warned.add(message)
+            print(f'warning: {message}', file=sys.stderr)
+
     if args.run:
-        runs = [args.run]
+        jobs = [[args.run]]
     else:
         families = [args.family] if args.family else FAMILIES
-        runs = [run for f in families if (run := latest_run(args.runs, f)) is not None]
-        if not runs:
+        jobs = [runs for f in families if (runs := finished_runs(args.runs, f, warn=warn))]   # newest first
+        if not jobs:
             sys.exit(f'error: no finished run under {args.runs}; train one with: python train.py cnn')
-    if args.out and len(runs) > 1:
+    if args.out and len(jobs) > 1:
         sys.exit('error: --out needs a single run: add --run or --family')
-    for run in runs:
-        family = run_config(run)['recipe']['family']
-        out = args.out or ROOT / 'weights' / f'{family}_flowers.pth'
-        export_run(run, out, half=args.half, calibrated=not args.no_calibrate)
-        print(f'{run} -> {out} (+ {out.with_suffix(".json").name})')
-        calibration = json.loads(out.with_suffix('.json').read_text()).get('calibration')
-        if calibration:
-            print(f'  calibration on {calibration["n_valid"]} validation photos: T = {calibration["temperature"]:.3f}, '
-                  f'ECE {calibration["ece_before"]:.4f} -> {calibration["ece_after"]:.4f}, '
-                  f'NLL {calibration["nll_before"]:.4f} -> {calibration["nll_after"]:.4f}')
+    failed = []
+    for candidates in jobs:
+        for run in candidates:
+            try:
+                family = run_config(run)['recipe']['family']
+                out = args.out or ROOT / 'weights' / f'{family}_flowers.pth'
+                export_run(run, out, half=args.half, calibrated=not args.no_calibrate)
+            except RunFolderError as err:
+                if args.run:             # the run asked for: one sentence, no fallback
+                    sys.exit(f'error: {err}')
+                warn(f'skipped {run}: {err}')   # a broken latest run: the next newest of its family instead
+                continue
+            except (OSError, ValueError) as err:   # e.g. writing the output (disk full): no other run would fare better
+                sys.exit(f'error: {run}: {err}')
+            print(f'{run} -> {out} (+ {out.with_suffix(".json").name})')
+            calibration = json.loads(out.with_suffix('.json').read_text()).get('calibration')
+            if calibration:
+                print(f'  calibration on {calibration["n_valid"]} validation photos: '
+                      f'T = {calibration["temperature"]:.3f}, '
+                      f'ECE {calibration["ece_before"]:.4f} -> {calibration["ece_after"]:.4f}, '
+                      f'NLL {calibration["nll_before"]:.4f} -> {calibration["nll_after"]:.4f}')
+            break
+        else:
+            failed.append(', '.join(map(str, candidates)))
+    if failed:
+        sys.exit(f'error: no run could be exported among: {"; ".join(failed)} (see the warnings above)')
     return 0
 
 

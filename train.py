@@ -20,7 +20,8 @@ DEFAULT_DATA = Path(__file__).resolve().parent.parent / 'shared' / 'data' / 'flo
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('family', choices=[*sorted(RECIPES), 'audit'],
-                        help='cnn: timm ConvNeXt V2; vit: open_clip CLIP ViT; audit: report duplicate photos of --data')
+                        help='cnn: timm ConvNeXt V2; vit: open_clip CLIP ViT; teacher: any timm classifier (--arch, '
+                             'default tf_efficientnet_lite0), a teacher for --teacher; audit: report duplicate photos of --data')
     parser.add_argument('--data', type=Path, default=DEFAULT_DATA,
                         help='folder of class folders (daisy/ dandelion/ rose/ sunflower/ tulip/) (default: %(default)s)')
     parser.add_argument('--name', help='run folder name under --runs (default: <family>-<date-time>)')
@@ -33,12 +34,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                               'OpenAI .pt or open_clip .bin/.safetensors for CLIP) instead of downloading them')
     weights.add_argument('--no-pretrained', action='store_true', help='train from scratch (random initialisation)')
 
-    r = parser.add_argument_group('recipe (defaults: cnn / vit, from flowers_fastai/recipes.py)')
-    cnn, vit = RECIPES['cnn'], RECIPES['vit']
+    r = parser.add_argument_group('recipe (defaults: cnn / vit / teacher, from flowers_fastai/recipes.py)')
+    cnn, vit, teacher = RECIPES['cnn'], RECIPES['vit'], RECIPES['teacher']
 
     def opt(flag, field, typ, help_):
-        r.add_argument(flag, dest=field, type=typ,
-                       help=f'{help_} (default: {getattr(cnn, field)} / {getattr(vit, field)})')
+        r.add_argument(flag, dest=field, type=typ, help=f'{help_} (default: {getattr(cnn, field)} / '
+                                                        f'{getattr(vit, field)} / {getattr(teacher, field)})')
     opt('--arch', 'arch', str, 'timm convnextv2_{atto..huge} or open_clip ViT name (ViT-L-14-quickgelu for OpenAI '
                                'weights, ViT-L-14 for OpenCLIP ones)')
     opt('--pretrained-tag', 'pretrained_tag', str, 'timm tag / open_clip pretrained tag to download')
@@ -76,6 +77,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt('--lora-rank', 'lora_rank', int, 'ViT: LoRA rank on attention and MLP projections, merged at export; 0 = off')
     opt('--lora-alpha', 'lora_alpha', float, 'LoRA scale numerator (updates are scaled by alpha / rank)')
     opt('--patience', 'patience', int, 'early stopping after this many epochs without better validation accuracy; 0 = off')
+    opt('--resize-to', 'resize_to', int, 'progressive resizing: the size of the last --resize-epochs epochs, and of '
+                                        'the delivered file (end at the loader default, 224, for a CNN)')
+    opt('--resize-epochs', 'resize_epochs', int, 'progressive resizing: epochs at --resize-to, LR / --final-lr-div; 0 = off')
+    parser.add_argument('--init-from', help='start from the trained weights of the same network, head included (a run '
+                                            'folder or an exported .pth), then train as from scratch: one phase, '
+                                            'everything (default: none)')
+    d = parser.add_argument_group('knowledge distillation (cnn, vit)')
+    d.add_argument('--teacher', help='distil from this teacher: a run folder (e.g. runs/lite0, trained with `train.py '
+                                     'teacher`) or an exported cnn/vit .pth (default: none)')
+    for flag, field, typ, help_ in [
+            ('--distill-alpha', 'distill_alpha', float, 'weight of the KL term (1 - alpha: the recipe loss)'),
+            ('--distill-temperature', 'distill_temperature', float, 'softmax temperature T of the KL term'),
+            ('--distill-features', 'distill_features', float, 'weight of the feature term (cosine to the teacher\'s '
+                                                              'pooled features, through a projection dropped at export); 0 = logits only'),
+            ('--teacher-size', 'teacher_size', int, "the teacher's input size (the student's batch resized); 0 = the student's")]:
+        d.add_argument(flag, dest=field, type=typ, help=f'{help_} (default: {getattr(cnn, field)})')
     parser.add_argument('--seeds', type=int, nargs='+',
                         help='seeds protocol: one full training per seed under runs/<name>/seed<k>, then summary.md '
                              '(mean +/- std), curves.png and the global best seed (what export.py takes)')
@@ -107,13 +124,23 @@ def main(argv=None) -> int:
     if args.resume:
         if not args.name or not settings_file.is_file():
             sys.exit(f'--resume needs the --name of a run to continue (no {settings_file})')
-        settings = json.loads(settings_file.read_text())
-        recipe, args.data = Recipe(**settings['recipe']), Path(settings['data'])
-        pretrained = {'True': True, 'False': False}.get(str(settings['pretrained']), settings['pretrained'])
+        from flowers_fastai.exporting import read_json
+        try:
+            settings = read_json(settings_file, 'train it again under another --name')
+            recipe, args.data = Recipe(**settings['recipe']), Path(settings['data'])
+            pretrained = {'True': True, 'False': False}.get(str(settings['pretrained']), settings['pretrained'])
+        except (ValueError, KeyError, TypeError) as err:   # RunFolderError, or fields missing / of another version
+            sys.exit(f'error: {settings_file} cannot be resumed ({type(err).__name__}: {err}); '
+                     'train it again under another --name')
         args.split = settings.get('split', 'stratified')
     else:
+        for field in ('teacher', 'init_from'):   # absolute, so that --resume finds them from anywhere
+            if getattr(args, field):
+                setattr(args, field, str(Path(getattr(args, field)).resolve()))
         recipe = RECIPES[args.family].override(**vars(args))
-        pretrained = False if args.no_pretrained else (args.pretrained_file or True)
+        if args.init_from and args.pretrained_file:
+            sys.exit('error: --init-from and --pretrained-file both give the starting weights: choose one')
+        pretrained = False if args.no_pretrained or args.init_from else (args.pretrained_file or True)
     print(f'Run {run_dir}: {recipe}')
     try:
         if args.lr_find:

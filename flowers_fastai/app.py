@@ -9,11 +9,17 @@ Starlette + uvicorn are an optional extra, imported only when the app is built, 
 never needs them (and never imports this module). Each upload is streamed, with its size checked as it
 arrives, into a temporary folder of its own that is deleted once the request is answered: nothing is
 written anywhere else.
+
+Slow and oversized clients cannot hold the server: a request's head must arrive within --header-timeout
+seconds and fit in --max-header-kb (uvicorn's h11 protocol, whose limit httptools lacks), an upload's body
+within --upload-timeout seconds (else 408), an idle connection is closed after --keep-alive seconds. An upload the
+model cannot read, whatever the decoder raises, is answered 400, never 500.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -23,9 +29,17 @@ from .submit import predict_proba
 
 DEFAULT_MAX_MB = 10
 MB = 2 ** 20
+# Server limits (CLI options). Uvicorn alone holds a connection that trickles its request head for ever (its
+# keep-alive timer starts only after a first response, and every byte resets it), takes a head of any size with
+# httptools, and has no deadline for a body: a trickled upload held a connection and a temp folder for minutes.
+DEFAULT_UPLOAD_TIMEOUT = 30.0    # s for a whole upload body: 10 MB needs ~2.8 Mbit/s; a local demo is far faster
+DEFAULT_HEADER_TIMEOUT = 10.0    # s for each request head, from the connection (or the previous answer) on
+DEFAULT_KEEP_ALIVE = 5.0         # s an idle keep-alive connection stays open (uvicorn's default)
+DEFAULT_MAX_HEADER_KB = 64       # the request head (request line + headers): cookies of other localhost apps fit
 # Room for the multipart framing (boundaries, part headers) around the file, so a file of exactly the limit passes.
 MULTIPART_OVERHEAD = 64 * 1024
 INSTALL_HINT = 'pip install -e .[demo]'
+log = logging.getLogger(__name__)
 
 
 def _import_demo_dependencies():
@@ -50,6 +64,14 @@ class UploadTooLarge(Exception):
 
 class BadUpload(Exception):
     """The request is not one file in a multipart form: answered with 400 and this message."""
+
+
+def _unreadable_message(err: Exception, path: Path, name: str) -> str:
+    """Why the model could not read the upload, naming the user's file rather than the temporary one."""
+    reason = str(err).replace(str(path), name)
+    if not isinstance(err, (ValueError, OSError)):   # outside the bad-input contract: say what was raised
+        reason = f'{name} could not be decoded ({type(err).__name__}: {reason})'
+    return f'Not a photo the model can read: {reason}.'
 
 
 def _megabytes(n_bytes: int) -> str:
@@ -149,18 +171,23 @@ async def _receive_upload(request, folder: Path, max_bytes: int, multipart) -> t
     return writer.path, writer.filename or 'the uploaded file'
 
 
-def create_app(model, max_bytes: int = DEFAULT_MAX_MB * MB):
+def create_app(model, max_bytes: int = DEFAULT_MAX_MB * MB, upload_timeout: float = DEFAULT_UPLOAD_TIMEOUT):
     """The Starlette app around `model` (anything `submit.predict_proba` takes): GET / is the page,
     POST /predict takes a multipart upload and answers {"class": ..., "probabilities": {class: p}}, or
-    {"error": why} with 413 (over `max_bytes`) or 400 (not an image, or not an upload)."""
+    {"error": why} with 413 (over `max_bytes`), 408 (the body took over `upload_timeout` seconds to arrive) or
+    400 (not an image, whatever the decoder raised, or not an upload)."""
     multipart = _import_demo_dependencies()
+    import anyio
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
+    from starlette.requests import ClientDisconnect
     from starlette.responses import HTMLResponse, JSONResponse
     from starlette.routing import Route
 
     if max_bytes <= 0:
         raise ValueError(f'max_bytes must be positive, not {max_bytes}')
+    if not upload_timeout > 0:
+        raise ValueError(f'upload_timeout must be positive, not {upload_timeout}')
     page = PAGE.replace('__MAX_BYTES__', str(max_bytes)).replace('__LIMIT__', _megabytes(max_bytes))
 
     async def index(request):
@@ -170,22 +197,92 @@ def create_app(model, max_bytes: int = DEFAULT_MAX_MB * MB):
         # A folder per request: concurrent uploads never meet, and leaving the block deletes everything.
         with tempfile.TemporaryDirectory(prefix='flowers-demo-') as folder:
             try:
-                path, name = await _receive_upload(request, Path(folder), max_bytes, multipart)
+                # uvicorn has no deadline for a body: without this one a trickled upload holds the connection
+                # and this folder for as long as the client likes
+                with anyio.fail_after(upload_timeout):
+                    path, name = await _receive_upload(request, Path(folder), max_bytes, multipart)
+            except TimeoutError:
+                return JSONResponse({'error': f'The upload took longer than {upload_timeout:g} s and was stopped.'},
+                                    status_code=408, headers={'Connection': 'close'})
             except UploadTooLarge:
                 return JSONResponse({'error': _too_large_message(max_bytes)}, status_code=413)
             except BadUpload as err:
                 return JSONResponse({'error': str(err)}, status_code=400)
+            except ClientDisconnect:   # the client left mid-upload: nobody reads this answer
+                return JSONResponse({'error': 'The upload was interrupted.'}, status_code=400)
             try:
                 # The model is CPU-bound: a worker thread keeps the server answering meanwhile.
                 probabilities = await run_in_threadpool(predict_proba, model, path)
-            except (ValueError, FileNotFoundError) as err:
-                # predict_proba names the file by its temporary path: show the user their own file name instead
-                reason = str(err).replace(str(path), name)
-                return JSONResponse({'error': f'Not a photo the model can read: {reason}.'}, status_code=400)
+            except Exception as err:   # noqa: BLE001 - decoding the user's bytes: any failure is theirs, a 400
+                if not isinstance(err, (ValueError, OSError)):
+                    log.warning('an upload the decoder failed on with %s', type(err).__name__, exc_info=True)
+                return JSONResponse({'error': _unreadable_message(err, path, name)}, status_code=400)
         best = max(probabilities, key=probabilities.get)
         return JSONResponse({'class': best, 'probabilities': probabilities})
 
     return Starlette(routes=[Route('/', index), Route('/predict', predict, methods=['POST'])])
+
+
+def _h11_with_head_deadline(head_timeout: float):
+    """uvicorn's h11 protocol, plus a deadline for each request head: `head_timeout` seconds from the connection
+    (or from the previous answer) to the end of the next request's headers, else the connection is closed.
+    uvicorn arms no timer before a first request, and any byte cancels its keep-alive timer, so a client
+    trickling a head (or the rest of a body already answered) was held for ever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class DemoH11Protocol(H11Protocol):
+        _head_timer = None
+
+        def _cancel_head_timer(self):
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _arm_head_timer(self):
+            self._cancel_head_timer()
+            self._head_timer = self.loop.call_later(head_timeout, self._head_too_slow)
+
+        def _request_running(self) -> bool:
+            return self.cycle is not None and not self.cycle.response_complete
+
+        def _head_too_slow(self):
+            self._head_timer = None
+            if not self._request_running() and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def handle_events(self):
+            super().handle_events()
+            if self._request_running():   # the head is in: the app's upload deadline governs the body
+                self._cancel_head_timer()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing() and not self._request_running():
+                self._arm_head_timer()
+
+        def connection_lost(self, exc):
+            self._cancel_head_timer()
+            super().connection_lost(exc)
+
+    return DemoH11Protocol
+
+
+def server_config(app, host: str = '127.0.0.1', port: int = 7860, *,
+                  header_timeout: float = DEFAULT_HEADER_TIMEOUT, keep_alive: float = DEFAULT_KEEP_ALIVE,
+                  max_header_bytes: int = DEFAULT_MAX_HEADER_KB * 1024, log_level: str = 'info'):
+    """The uvicorn.Config that serves `app` with the demo's limits: the h11 protocol (httptools, uvicorn's pick
+    when installed, takes a request head of any size) with `max_header_bytes` for a request head and
+    `header_timeout` seconds to send it, and `keep_alive` seconds for an idle connection."""
+    import uvicorn
+    if not (header_timeout > 0 and keep_alive > 0 and max_header_bytes > 0):
+        raise ValueError('header_timeout, keep_alive and max_header_bytes must be positive')
+    return uvicorn.Config(app, host=host, port=port, http=_h11_with_head_deadline(header_timeout),
+                          h11_max_incomplete_event_size=int(max_header_bytes), timeout_keep_alive=keep_alive,
+                          ws='none', log_level=log_level)
 
 
 def main(argv=None) -> int:
@@ -201,9 +298,20 @@ def main(argv=None) -> int:
     parser.add_argument('--port', type=int, default=7860, help='default: %(default)s')
     parser.add_argument('--max-mb', type=float, default=DEFAULT_MAX_MB,
                         help='largest upload accepted, in MB of 2**20 bytes (default: %(default)s)')
+    parser.add_argument('--upload-timeout', type=float, default=DEFAULT_UPLOAD_TIMEOUT, metavar='S',
+                        help='seconds for a whole upload to arrive, else 408 (default: %(default)s)')
+    parser.add_argument('--header-timeout', type=float, default=DEFAULT_HEADER_TIMEOUT, metavar='S',
+                        help='seconds for a request\'s head to arrive, else the connection is closed '
+                             '(default: %(default)s)')
+    parser.add_argument('--keep-alive', type=float, default=DEFAULT_KEEP_ALIVE, metavar='S',
+                        help='seconds an idle connection stays open (default: %(default)s)')
+    parser.add_argument('--max-header-kb', type=float, default=DEFAULT_MAX_HEADER_KB, metavar='KB',
+                        help='largest request head (request line + headers) in KB of 1024 bytes, else 400 '
+                             '(default: %(default)s)')
     args = parser.parse_args(argv)
-    if args.max_mb <= 0:
-        parser.error('--max-mb must be positive')
+    for option in ('max_mb', 'upload_timeout', 'header_timeout', 'keep_alive', 'max_header_kb'):
+        if not getattr(args, option) > 0:   # `not >` refuses nan too
+            parser.error(f'--{option.replace("_", "-")} must be positive')
     if args.model == 'cnn' and args.vit_weights:
         parser.error('--vit-weights needs --model vit or --model ensemble')
     if args.model == 'vit' and args.weights and args.vit_weights:
@@ -219,9 +327,11 @@ def main(argv=None) -> int:
             if args.model != 'cnn' else ''
         sys.exit(f'error: cannot load the {args.model} model{needs}: {err}')
     import uvicorn
-    app = create_app(model, max_bytes=int(args.max_mb * MB))
+    app = create_app(model, max_bytes=int(args.max_mb * MB), upload_timeout=args.upload_timeout)
+    config = server_config(app, args.host, args.port, header_timeout=args.header_timeout,
+                           keep_alive=args.keep_alive, max_header_bytes=int(args.max_header_kb * 1024))
     print(f'Serving the {args.model} model on http://{args.host}:{args.port}/ (Ctrl+C stops it)', flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level='info')
+    uvicorn.Server(config).run()
     return 0
 
 

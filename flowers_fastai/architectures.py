@@ -55,8 +55,8 @@ def infer_cnn_arch(state_dict: dict[str, torch.Tensor]) -> str:
     depths = tuple(len({int(m.group(2)) for k in state_dict
                         if (m := re.match(r'stages\.(\d)\.blocks\.(\d+)\.', k)) and int(m.group(1)) == s})
                    for s in range(4))
-    dims = tuple(int(state_dict[f'stages.{s}.blocks.0.conv_dw.weight'].shape[0])
-                 if f'stages.{s}.blocks.0.conv_dw.weight' in state_dict else 0 for s in range(4))
+    dims = tuple(int(t.shape[0]) if (t := state_dict.get(f'stages.{s}.blocks.0.conv_dw.weight')) is not None
+                 and t.ndim else 0 for s in range(4))    # a 0-d tensor here matches no size (load_exactly lists it)
     for size, spec in CONVNEXTV2_SIZES.items():
         if (depths, dims) == spec:
             return f'convnextv2_{size}'
@@ -131,6 +131,16 @@ def infer_clip_spec(state_dict: dict[str, torch.Tensor], quick_gelu: bool = True
         proj = state_dict[prefix + 'proj']                     # width x output_dim
     except KeyError as err:
         raise ArchitectureError(f'no CLIP ViT image tower here: missing {err.args[0]!r}') from None
+    # the shapes the tower is built from, checked before building it (a 0-d or empty tensor would otherwise give an
+    # IndexError, a ZeroDivisionError or a network of 0 px)
+    if conv1.ndim != 4 or conv1.shape[1] != 3 or conv1.shape[2] != conv1.shape[3] or min(conv1.shape) < 1:
+        raise ArchitectureError(f'{prefix}conv1.weight of shape {tuple(conv1.shape)} is no patch embedding '
+                                '(width x 3 x patch x patch)')
+    if pos.ndim != 2 or pos.shape[1] != conv1.shape[0] or pos.shape[0] < 2:
+        raise ArchitectureError(f'{prefix}positional_embedding of shape {tuple(pos.shape)} does not fit a width '
+                                f'of {conv1.shape[0]}')
+    if proj.ndim != 2 or proj.shape[0] != conv1.shape[0] or proj.shape[1] < 1:
+        raise ArchitectureError(f'{prefix}proj of shape {tuple(proj.shape)} does not fit a width of {conv1.shape[0]}')
     layers = len({int(m.group(1)) for k in state_dict
                   if (m := re.match(re.escape(prefix) + r'transformer\.resblocks\.(\d+)\.', k))})
     grid = int(round((pos.shape[0] - 1) ** 0.5))
@@ -153,7 +163,7 @@ def family_of(state_dict: dict[str, torch.Tensor]) -> str | None:
 
 def load_exactly(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str, assign: bool = False) -> None:
     """`load_state_dict` that accepts nothing less than every key, with every shape, and nothing more.
-    `assign`: the model's tensors become the given ones (a model built on the meta device, mmap'd weights)."""
+    `assign`: the model's tensors become the given ones (a model built on the meta device)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))

@@ -8,13 +8,12 @@ side, and groups whose copies carry different labels are left out of training an
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .preprocess import open_image
+from .preprocess import decode_image
 
 # Hamming distance between 64-bit pHashes at or below which two photos count as copies. Looked at on
 # ../shared/data/flowers: pairs at <= 6 are the same photo (resized, re-coloured, lightly cropped); from 8 on,
@@ -25,10 +24,10 @@ MAX_DISTANCE = 6
 def perceptual_hashes(paths: list[Path]) -> np.ndarray:
     """64-bit DCT perceptual hash (imagehash.phash) of each photo, as uint64."""
     import imagehash
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # truncated photos are reported by the folder scan already
-        return np.array([int(str(imagehash.phash(open_image(p, draft_min_side=64))), 16) for p in paths],
-                        dtype=np.uint64)
+    # decode_image, not open_image: truncated photos are reported by the folder scan already, and silencing its
+    # warning with a filter would change process-wide state (not thread-safe)
+    return np.array([int(str(imagehash.phash(decode_image(p, draft_min_side=64)[0])), 16) for p in paths],
+                    dtype=np.uint64)
 
 
 def flickr_id(path: Path) -> str | None:
@@ -90,6 +89,13 @@ class Audit:
         for g in groups:
             if g not in conflicts:
                 lines.append('  ' + '  |  '.join(str(self.items[i][0]) for i in g))
+        # a class that the left-out groups empty cannot be trained on (training stops and says so)
+        kept = [self.items[i][1] for i in self.kept()]
+        for label in sorted({label for _, label in self.items}):
+            total = sum(1 for _, other in self.items if other == label)
+            if kept.count(label) < 2 and kept.count(label) < total:
+                lines.append(f'Warning: class {label!r} keeps {kept.count(label)} of its {total} photos; training needs '
+                             'at least 2: remove each copy from the folder where it does not belong')
         return '\n'.join(lines)
 
 

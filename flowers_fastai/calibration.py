@@ -86,7 +86,7 @@ def fit_temperature(logits, labels, bounds: tuple[float, float] = (0.01, 100.0),
     values = {k: _nll(logits, labels, k) for k in candidates}
     lowest = min(values.values())
     ties = [k for k in candidates if values[k] <= lowest + 1e-12 * max(1.0, abs(lowest))]
-    return float(math.exp(min(ties, key=abs)))
+    return float(min(max(math.exp(min(ties, key=abs)), lo), hi))   # exp(log(100)) may be 100.00000000000004
 
 
 def reliability_bins(probs, labels, n_bins: int = 15) -> dict[str, torch.Tensor]:

@@ -67,11 +67,23 @@ class WeightEMA(Callback):
         if self.ema is not None and has_lora(self.ema.module) and not has_lora(self.learn.model):
             self._start(self.ema.module.state_dict())
         elif self.ema is None:
-            saved = None
-            if self.state_path is not None and Path(self.state_path).is_file():
-                saved = torch.load(self.state_path, map_location='cpu', weights_only=True)
-                self.steps = int(saved['steps'])
+            saved = self.read_state()
+            self._saved = None
+            if saved:
+                self.steps = saved['steps']
             self._start(saved['ema'] if saved else None)
+
+    def read_state(self) -> dict | None:
+        """The saved average to resume from (None: there is none), read with weights_only (a crafted file is
+        refused) and checked. Training calls it before fitting, so that a broken file is said at once."""
+        if getattr(self, '_saved', None) is None and self.state_path is not None and Path(self.state_path).is_file():
+            from .exporting import RunFolderError, load_checkpoint
+            todo = 'the run cannot continue its weight average: train it again under another --name'
+            saved = load_checkpoint(self.state_path, todo)
+            if not isinstance(saved.get('ema'), dict) or not isinstance(saved.get('steps'), int):
+                raise RunFolderError(f'{self.state_path} holds no weight average (ema, steps): {todo}')
+            self._saved = saved
+        return getattr(self, '_saved', None)
 
     def _start(self, state: dict | None):
         from timm.utils.model_ema import ModelEmaV3
@@ -95,6 +107,8 @@ class WeightEMA(Callback):
             self.learn.model.load_state_dict(self._training_weights)
             self._training_weights = None
         if self.state_path is not None and not rank_distrib():
-            torch.save({'ema': self.ema.module.state_dict(), 'steps': self.steps}, self.state_path)
+            from .exporting import atomic_write   # an interrupted write leaves the previous average whole
+            state = {'ema': self.ema.module.state_dict(), 'steps': self.steps}
+            atomic_write(self.state_path, lambda tmp: torch.save(state, tmp))
 
     after_cancel_fit = after_epoch

@@ -15,7 +15,7 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from .data_files import class_folders, folder_files
 from .labels import CLASSES
-from .preprocess import Preprocessing, open_image, resize_center_crop
+from .preprocess import Preprocessing, decode_image, open_image, resize_center_crop
 
 
 class DatasetError(ValueError):
@@ -55,15 +55,13 @@ def scan_image_folder(root: str | Path, check_decodable: bool = True) -> Scanned
     scanned = ScannedFolder(items=[])
     for label, folders in by_class.items():
         for folder in folders:
-            images, others = folder_files(folder)
+            images, others = folder_files(folder, scanned.unreadable)
             scanned.non_images += others
             for path in images:
                 if check_decodable:
-                    try:
-                        with warnings.catch_warnings():
-                            warnings.simplefilter('ignore')
-                            open_image(path, draft_min_side=16)
-                    except ValueError as err:
+                    try:   # decode_image: no TruncatedImageWarning, and no warning filter changed for it
+                        decode_image(path, draft_min_side=16)
+                    except (FileNotFoundError, ValueError) as err:   # every decoder failure is a ValueError
                         scanned.unreadable.append((path, str(err)))
                         continue
                 scanned.items.append((path, label))

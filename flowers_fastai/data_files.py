@@ -2,6 +2,7 @@
 conventions of command-line prediction."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .labels import CLASSES, normalize_class_name
@@ -25,10 +26,26 @@ def class_folders(root: Path, error: type[Exception] = ValueError) -> dict[str, 
     return {c: by_class[c] for c in CLASSES if c in by_class}
 
 
-def folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) under `folder`, recursively, sorted; hidden files and folders ignored."""
+def folder_files(folder: Path, unreadable: list[tuple[Path, str]] | None = None) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) under `folder`, recursively, sorted; hidden files and folders ignored.
+
+    A sub-folder that cannot be listed (a path longer than the system allows, no permission) is skipped, not
+    fatal; with `unreadable` given it is appended there as (folder, why). A file whose path is too long to
+    stat counts by its extension, so that opening it reports it."""
     images, others = [], []
-    for path in sorted(folder.rglob('*')):
-        if path.is_file() and not any(part.startswith('.') for part in path.relative_to(folder).parts):
-            (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
-    return images, others
+
+    def cannot_list(err: OSError) -> None:
+        if unreadable is not None:
+            where = Path(err.filename or folder)
+            unreadable.append((where, f'{where} is a folder that cannot be listed: {err.strerror or err}'))
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=cannot_list):   # rglob raised on the first
+        dirnames[:] = [d for d in dirnames if not d.startswith('.')]             # error: the scan ended there
+        for name in filenames:
+            path = Path(dirpath) / name
+            try:
+                is_file = path.is_file()
+            except OSError:   # ENAMETOOLONG: listed here, but only its own open can say why it is unusable
+                is_file = True
+            if is_file and not name.startswith('.'):
+                (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
+    return sorted(images), sorted(others)

@@ -13,6 +13,12 @@ views of `inference.tta_views`, probabilities averaged) and shown beside the pla
 With --int8, the same again with the ViT's matmuls in int8 (`submit.quantize_int8`), plus the share of photos whose
 class is the fp32 one: the accuracy change int8 costs, measured on your photos (files end in `_int8`).
 
+Outputs follow `python -m flowers_fastai.predict`'s rules: paths written as the file system's bytes (stdout,
+stderr, CSV; metrics.json escapes them as JSON does), CSV cells made formula-safe (a leading ' before = + - @ tab,
+carriage return or '), an --out inside the data folder refused and an unwritable one reported in one line (exit
+status 2), a closed stdout ending the run quietly (exit status 141). A file that fails to decode, whatever the
+error, is a row of failed.csv.
+
 Library use (export-time calibration, benchmarks):
 
     from flowers_fastai.evaluate import evaluate, scan_labelled_folder, load_model
@@ -22,7 +28,6 @@ Library use (export-time calibration, benchmarks):
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -36,9 +41,11 @@ from torch import nn
 
 from .calibration import expected_calibration_error, reliability_diagram
 from .data_files import IMAGE_EXTENSIONS, class_folders, folder_files
-from .inference import Ensemble, members, predict_files
+from .inference import Ensemble, members
 from .inference_nets import ClipViTClassifier, quantize_int8
 from .labels import CLASSES, normalize_class_name
+from .predict import (EXIT_OUTPUT_ERROR, CsvOutput, OutputError, check_writable_place, classify_files,
+                      paths_as_bytes, stdout_gone)
 from .preprocess import TruncatedImageWarning
 from .submit import find_weights, load_model as submit_load_model
 
@@ -62,6 +69,7 @@ class LabelledFolder:
     root: Path
     items: list[tuple[Path, str]]
     non_images: list[Path] = field(default_factory=list)
+    unreadable_folders: list[tuple[Path, str]] = field(default_factory=list)   # (folder, why) it could not be listed
 
     @property
     def missing_classes(self) -> list[str]:
@@ -82,7 +90,7 @@ def scan_labelled_folder(root: str | os.PathLike) -> LabelledFolder:
     scanned = LabelledFolder(root=root, items=[])
     for label, folders in by_class.items():
         for folder in folders:
-            images, others = folder_files(folder)
+            images, others = folder_files(folder, scanned.unreadable_folders)
             scanned.items += [(path, label) for path in images]
             scanned.non_images += others
     if not scanned.items:
@@ -167,7 +175,8 @@ def evaluate(model: nn.Module, items: Iterable[tuple[str | os.PathLike, str | in
              tta: bool = False, progress: bool | None = True, n_bins: int = ECE_BINS) -> dict:
     """Classify `items` ((path, label): a class name of CLASSES, a folder spelling such as 'Roses', or a class
     index; e.g. `scan_labelled_folder(DIR).items`) with `model` (from `load_model` or `submit.load_*`), in
-    batches through `inference.predict_files`, and measure the (calibrated) probabilities.
+    batches through `inference.predict_files` (`predict.classify_files`: any error of one file, of whatever
+    type, fails that file only), and measure the (calibrated) probabilities.
 
     Returns `classification_metrics(...)` plus: 'tta'; 'n_files' (items given); 'failed' (list of {'path',
     'error'}: files that could not be decoded, counted nowhere else) and 'n_failed'; 'misclassified' (list of
@@ -187,7 +196,7 @@ def evaluate(model: nn.Module, items: Iterable[tuple[str | os.PathLike, str | in
     members(model)   # TypeError now, for anything that is not a delivery model or ensemble
     items = [(Path(path), _class_index(label)) for path, label in items]
     paths, targets, probs, failed = [], [], [], []
-    results = predict_files(model, [path for path, _ in items], batch_size=int(batch_size), tta=tta)
+    results = classify_files(model, [path for path, _ in items], batch_size=int(batch_size), tta=tta)
     bar = tqdm(total=len(items), desc='evaluate (TTA)' if tta else 'evaluate', unit='photo', file=sys.stderr,
                disable=None if progress is None else not progress, leave=False, dynamic_ncols=True)
     with bar:
@@ -225,10 +234,15 @@ def summary_numbers(result: dict) -> dict:
 
 # -------------------------------------------------------------------------------------------------- files
 def _write_csv(path: Path, header: list[str], rows: Iterable[list]) -> Path:
-    with path.open('w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
+    """Paths as the file system's bytes, cells formula-safe (`predict.CsvOutput`); OutputError if it fails."""
+    table = CsvOutput(path, 'the file')
+    try:
+        table.row(header)
+        table.rows(rows)
+    except BaseException:
+        table.abandon()
+        raise
+    table.close()
     return path
 
 
@@ -337,7 +351,39 @@ def default_out(weights: Sequence[str | os.PathLike], data: str | os.PathLike) -
     return Path('eval') / f'{stems}-{Path(data).resolve().name}'
 
 
+OUTPUT_NAMES = ('metrics.json', 'predictions.csv', 'misclassified.csv', 'failed.csv', 'confusion_matrix.csv',
+                'confusion_matrix.png', 'reliability.png')
+
+
+def check_out_folder(out: Path, data: Path) -> None:
+    """OutputError now, before any photo is classified, when `out` cannot hold the results: inside the data
+    folder (its files would mix with the photos, and be scanned as photos next time), a file, or not creatable;
+    a note on stderr when it holds an earlier evaluation's files, which are replaced."""
+    resolved, data_resolved = out.resolve(), data.resolve()
+    if resolved == data_resolved or resolved.is_relative_to(data_resolved):
+        raise OutputError(f'refusing to write into --out {out}: it is inside the data folder {data} '
+                          '(the results would mix with the photos); choose another --out')
+    if out.exists() and not out.is_dir():
+        raise OutputError(f'cannot write into --out {out}: it is a file, not a folder')
+    check_writable_place(out / 'metrics.json', 'into --out')
+    earlier = [name for name in OUTPUT_NAMES if (out / name).exists()]
+    if earlier:
+        print(f'note: replacing the earlier results in {out} ({", ".join(earlier)} ...)', file=sys.stderr,
+              flush=True)
+
+
 def main(argv=None) -> int:
+    with paths_as_bytes():
+        try:
+            return _main(argv)
+        except OutputError as err:
+            print(f'error: {err}', file=sys.stderr)
+            return EXIT_OUTPUT_ERROR
+        except BrokenPipeError:
+            return stdout_gone()
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(prog='python -m flowers_fastai.evaluate', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--weights', action='append', required=True, metavar='FILE',
@@ -356,8 +402,10 @@ def main(argv=None) -> int:
         parser.error('--batch-size must be >= 1')
     warnings.simplefilter('always', TruncatedImageWarning)   # one line per truncated photo, not one in all
 
+    out = args.out if args.out is not None else default_out(args.weights, args.data)
     try:
         folder = scan_labelled_folder(args.data)
+        check_out_folder(out, args.data)   # before the model load and the (slow) evaluation
         weights = [find_weights(w) for w in args.weights]
         model = load_model(weights)
         if args.int8 and not any(isinstance(m, ClipViTClassifier) for m in members(model)):
@@ -365,8 +413,10 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as err:   # EvaluationError is a ValueError
         print(f'error: {err}', file=sys.stderr)
         return 2
-    out = args.out if args.out is not None else default_out(args.weights, args.data)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f'cannot write into --out {out}: {err.strerror or err}') from None
 
     results = {}
     try:
@@ -391,6 +441,7 @@ def main(argv=None) -> int:
         'n_evaluated': plain['n_photos'],
         'n_failed': plain['n_failed'],
         'failed': plain['failed'],
+        'unreadable_folders': [{'path': str(p), 'error': why} for p, why in folder.unreadable_folders],
         'n_skipped_non_images': len(folder.non_images),
         'skipped_non_images': [str(p) for p in folder.non_images],
         'missing_classes': folder.missing_classes,
@@ -399,9 +450,15 @@ def main(argv=None) -> int:
         'tta': summary_numbers(results['tta']) if 'tta' in results else None,
         'int8': summary_numbers(results['int8']) if 'int8' in results else None,
     }
-    (out / 'metrics.json').write_text(json.dumps(metrics, indent=2) + '\n')
-    written = ['metrics.json'] + _write_outputs(out, results, ECE_BINS)
+    try:
+        # ensure_ascii: a path that is not valid UTF-8 is written as a JSON \udcXX escape, read back losslessly
+        (out / 'metrics.json').write_text(json.dumps(metrics, indent=2, ensure_ascii=True) + '\n', encoding='ascii')
+        written = ['metrics.json'] + _write_outputs(out, results, ECE_BINS)
+    except OSError as err:   # a full disk, a folder removed meanwhile: one line, not a traceback
+        raise OutputError(f'cannot write into --out {out}: {err}') from None
 
+    for path, why in folder.unreadable_folders:   # recorded in metrics.json too
+        print(f'warning: {why}: its photos were not evaluated', file=sys.stderr)
     described = ', '.join(f'{Path(w["path"]).name} ({w["family"]}, {w["image_size"]} px, T={w["temperature"]:g})'
                           for w in metrics['weights'])
     print(f'weights: {"ensemble of " if metrics["ensemble"] else ""}{described}')

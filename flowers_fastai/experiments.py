@@ -7,13 +7,13 @@
 """
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .exporting import read_json, write_json
 from .labels import CLASSES
 from .recipes import Recipe
 from .training import train
@@ -43,17 +43,21 @@ def summarize(exp_dir) -> dict:
     runs = sorted((p.parent for p in exp_dir.glob('seed*/metrics.json')), key=lambda p: int(p.name[4:]))
     if not runs:
         raise FileNotFoundError(f'no finished seed run under {exp_dir}')
-    metrics = {run.name: json.loads((run / 'metrics.json').read_text()) for run in runs}
-    accuracies = np.array([m['valid_accuracy'] for m in metrics.values()])
+    todo = 'train that seed again (delete its folder, then --resume the experiment)'
+    metrics = {run.name: read_json(run / 'metrics.json', todo) for run in runs}
+    accuracies = np.array([m.get('valid_accuracy') for m in metrics.values()], dtype=float)   # null -> NaN
+    if not np.isfinite(accuracies).all():
+        bad = [name for name, a in zip(metrics, accuracies) if not np.isfinite(a)]
+        raise ValueError(f'{exp_dir}: {", ".join(bad)} recorded no validation accuracy: {todo}')
     best = runs[int(np.argmax(accuracies))]
-    config = json.loads((runs[0] / 'config.json').read_text())
+    config = read_json(runs[0] / 'config.json', todo)
     summary = {'recipe': config['recipe'], 'split': config.get('split'), 'seeds': [r.name for r in runs],
                'valid_accuracy': dict(zip(metrics, accuracies.tolist())),
                'mean': float(accuracies.mean()), 'std': float(accuracies.std(ddof=1)) if len(runs) > 1 else 0.0,
-               'per_class_mean': {c: float(np.mean([m['per_class_accuracy'][c] for m in metrics.values()]))
+               'per_class_mean': {c: _mean([m['per_class_accuracy'].get(c) for m in metrics.values()])
                                   for c in CLASSES},
                'best_run': best.name}
-    (exp_dir / 'summary.json').write_text(json.dumps(summary, indent=2))
+    write_json(exp_dir / 'summary.json', summary)   # strict JSON, atomic: export.py reads it
 
     lines = [f'# {exp_dir.name}: {config["recipe"]["family"]} {config["recipe"]["arch"]}, {len(runs)} seeds', '',
              f'Best validation accuracy: **{summary["mean"]:.4f} +/- {summary["std"]:.4f}** (mean +/- sample std '
@@ -63,13 +67,23 @@ def summarize(exp_dir) -> dict:
     for name, m in metrics.items():
         mark = ' (best)' if name == best.name else ''
         lines.append(f'| {name}{mark} | {m["valid_accuracy"]:.4f} | '
-                     + ' | '.join(f'{m["per_class_accuracy"][c]:.3f}' for c in CLASSES) + ' |')
+                     + ' | '.join(_cell(m['per_class_accuracy'].get(c)) for c in CLASSES) + ' |')
     lines += ['| mean | ' + f'{summary["mean"]:.4f} | '
-              + ' | '.join(f'{summary["per_class_mean"][c]:.3f}' for c in CLASSES) + ' |', '',
+              + ' | '.join(_cell(summary['per_class_mean'][c]) for c in CLASSES) + ' |', '',
               'Per-seed confusion matrices: `seed*/confusion_matrix.png`; curves: `curves.png`.', '']
     (exp_dir / 'summary.md').write_text('\n'.join(lines))
     _plot_curves(runs, exp_dir / 'curves.png')
     return summary
+
+
+def _mean(values) -> float | None:
+    """Mean over the seeds that have a value (a class with no validation photo has none: null in metrics.json)."""
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _cell(value) -> str:
+    return '-' if value is None else f'{value:.3f}'
 
 
 def _plot_curves(runs: list[Path], out: Path) -> None:

@@ -4,38 +4,170 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import os
+import pickle
+import shutil
+import tempfile
+import zipfile
 from datetime import date
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .architectures import ClipClassifier, ClipTowerSpec, build_cnn, load_exactly
+from .distill import without_distill_head
+from .architectures import ArchitectureError, ClipClassifier, ClipTowerSpec, build_cnn, load_exactly
 from .labels import CLASSES
 from .lora import apply_lora, has_lora, merge_lora
 
 FAMILIES = ('cnn', 'vit')
 VALID_ITEMS = 'valid_items.csv'   # the run's validation photos (path, label), written by training
+EXPORT_TODO = 'this run cannot be exported: train it again, or export another run with --run'
 
 
-def resolve_run(run_dir: Path) -> Path:
+class RunFolderError(ValueError):
+    """A run folder's file is missing, truncated, refused or not what training writes: said in one sentence that
+    names the file and what to do (train.py and export.py print it without a traceback)."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """`write(tmp)` fills a temporary file in `path`'s folder, which then replaces `path` in one `os.replace`:
+    a reader (the demo serving the file, a resume) sees the old file or the new one, never a part of one; a
+    failure or a crash leaves the old file as it was and no temporary file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        write(tmp)
+        with tmp.open('rb') as f:
+            os.fsync(f.fileno())          # the bytes are on disk before the name points at them
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode a plain open() would
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Strict JSON (NaN / Infinity refused: they are not JSON), written atomically."""
+    text = json.dumps(obj, indent=2, allow_nan=False) + '\n'
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def read_json(path: str | Path, todo: str) -> dict:
+    """A run folder's JSON file, or `RunFolderError` naming it and `todo` (what the user can do)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunFolderError(f'{path} is missing: {todo}')
+    try:
+        obj = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError, OSError) as err:
+        raise RunFolderError(f'{path} is not valid JSON (truncated by an interrupted write?: {err}): {todo}') from None
+    if not isinstance(obj, dict):
+        raise RunFolderError(f'{path} holds a JSON {type(obj).__name__}, not the object training writes: {todo}')
+    return obj
+
+
+def _fastai_safe_globals() -> list:
+    """What fastai 2.8's `load_model` allow-lists for `weights_only=True`: fastcore's `L` and NumPy scalars."""
+    import numpy as np
+    from fastcore.foundation import L
+    multiarray = getattr(getattr(np, '_core', None), 'multiarray', None) or np.core.multiarray
+    return [L, multiarray.scalar, np.dtype, *[getattr(np.dtypes, name) for name in np.dtypes.__all__]]
+
+
+def unpickling_reason(err: Exception) -> str:
+    """The line of torch's weights_only refusal that says what was refused (its first line advises
+    `weights_only=False`, which is exactly what must not be done), without terminal colour codes."""
+    import re
+    text = re.sub(r'\x1b\[[0-9;]*m', '', str(err))
+    for line in text.splitlines():
+        if 'WeightsUnpickler error:' in line:
+            return line.split('WeightsUnpickler error:', 1)[1].strip()
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+
+
+def load_checkpoint(path: str | Path, todo: str, map_location='cpu') -> dict:
+    """A checkpoint this project wrote (models/best.pth, last.pth, ema_last.pth), read with `weights_only=True`:
+    tensors and plain containers only, so a crafted pickle is refused and none of its code runs. fastcore's `L`
+    and NumPy scalars are allowed because fastai's `learn.save` stores the optimizer state with them (runs saved
+    before this project wrote it as plain lists and floats); fastai's own `load_model` allows the same, and none
+    of them runs code. Anything unreadable is a `RunFolderError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunFolderError(f'{path} is missing: {todo}')
+    try:
+        with torch.serialization.safe_globals(_fastai_safe_globals()):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise RunFolderError(f'{path} is refused: it is not a checkpoint of tensors but a pickle that would need to '
+                             f'run code to load ({unpickling_reason(err)}): {todo}') from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, AttributeError,
+            IndexError, TypeError) as err:   # what torch raises for truncated or foreign bytes
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ''
+        raise RunFolderError(f'{path} cannot be read (truncated by an interrupted write?: {type(err).__name__}: '
+                             f'{first_line}): {todo}') from None
+    if not isinstance(obj, dict) or not obj:
+        raise RunFolderError(f'{path} holds a {type(obj).__name__}, not a checkpoint: {todo}')
+    return obj
+
+
+def resolve_run(run_dir: Path, todo: str = EXPORT_TODO) -> Path:
     """A run folder as is; a seeds experiment (summary.json, see experiments.py) as its global best seed."""
-    summary = Path(run_dir) / 'summary.json'
-    return Path(run_dir) / json.loads(summary.read_text())['best_run'] if summary.is_file() else Path(run_dir)
+    run_dir = Path(run_dir)
+    summary = run_dir / 'summary.json'
+    if not summary.is_file():
+        return run_dir
+    best = read_json(summary, todo).get('best_run')
+    if not isinstance(best, str) or not best or not (run_dir / best).is_dir():
+        raise RunFolderError(f'{summary} names {best!r} as its best seed, which is no folder under {run_dir}: {todo}')
+    return run_dir / best
 
 
-def run_config(run_dir: Path) -> dict:
-    config_path = resolve_run(run_dir) / 'config.json'
+def run_config(run_dir: Path, todo: str = EXPORT_TODO) -> dict:
+    """The run's config.json (a seeds experiment: its best seed's), checked for what every reader needs."""
+    run = resolve_run(run_dir, todo)
+    config_path = run / 'config.json'
     if not config_path.is_file():
-        raise FileNotFoundError(f'{run_dir} is not a training run folder (no config.json)')
-    return json.loads(config_path.read_text())
+        raise RunFolderError(f'{run} is not a finished training run folder (no config.json): {todo}')
+    config = read_json(config_path, todo)
+    if not isinstance(config.get('recipe'), dict) or not isinstance(config['recipe'].get('family'), str):
+        raise RunFolderError(f'{config_path} has no recipe with a model family: {todo}')
+    return config
+
+
+def finished_runs(runs_dir: Path, family: str, warn: Callable[[str], None] | None = None) -> list[Path]:
+    """The finished runs and seeds experiments of `family` under `runs_dir`, newest first. One whose config
+    cannot be read is skipped, and `warn` is told which and why: one broken run blocks no other."""
+    finished = {p.parent: p.stat().st_mtime for pattern in ('*/metrics.json', '*/summary.json')
+                for p in Path(runs_dir).glob(pattern)}
+    runs = []
+    for run in sorted(finished, key=finished.get, reverse=True):
+        try:
+            if run_config(run)['recipe']['family'] == family:
+                runs.append(run)
+        except RunFolderError as err:
+            if warn is not None:
+                warn(f'skipped {run}: {err}')
+    return runs
 
 
 def latest_run(runs_dir: Path, family: str) -> Path | None:
-    """The most recently finished run or seeds experiment of `family` under `runs_dir`."""
-    finished = {p.parent: p.stat().st_mtime for pattern in ('*/metrics.json', '*/summary.json')
-                for p in Path(runs_dir).glob(pattern)}
-    finished = {run: t for run, t in finished.items() if run_config(run)['recipe']['family'] == family}
-    return max(finished, key=finished.get, default=None)
+    """The most recently finished run or seeds experiment of `family` under `runs_dir` (broken ones skipped,
+    with a warning)."""
+    import warnings
+    runs = finished_runs(runs_dir, family, warn=warnings.warn)
+    return runs[0] if runs else None
 
 
 def rebuild_split(config: dict):
@@ -99,45 +231,71 @@ def export_run(run_dir: str | Path, out: str | Path, half: bool = False, calibra
     """
     run_dir, out = resolve_run(run_dir), Path(out)
     config = run_config(run_dir)
-    recipe, pp = config['recipe'], config['preprocessing']
     best = run_dir / 'models' / 'best.pth'
-    if not best.is_file():
-        raise FileNotFoundError(f'{best} does not exist: the run has not finished an epoch yet')
-    state = torch.load(best, map_location='cpu', weights_only=True)
+    state = load_checkpoint(best, EXPORT_TODO)   # weights_only: a crafted pickle is refused, nothing runs
     state = state.get('model', state)  # fastai's `save(with_opt=True)` nests the weights under 'model'
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RunFolderError(f'{best} holds no state_dict of tensors: {EXPORT_TODO}')
+    state = without_distill_head(state)   # distillation's feature projection is training-only
 
-    if recipe['family'] == 'cnn':
-        model = build_cnn(recipe['arch'])
-        key_order = list(model.state_dict())
-        sidecar = {'family': 'cnn', 'arch': recipe['arch'].split('.')[0]}
-    else:
-        spec = ClipTowerSpec(**config['clip_spec'])
-        model = ClipClassifier(spec)
-        key_order = list(model.state_dict())
-        if has_lora(state):  # LoRA updates (a best epoch before any light full fine-tune): load, then fold in
-            apply_lora(model.visual, recipe['lora_rank'], recipe.get('lora_alpha', 16.0))
-        sidecar = {'family': 'vit', 'arch': spec.name, 'quick_gelu': spec.quick_gelu, 'head_width': spec.head_width}
-    load_exactly(model, state, str(best))
+    try:   # a config.json that parses but lacks a field: one sentence, not a KeyError
+        recipe, pp = config['recipe'], config['preprocessing']
+        if recipe['family'] == 'cnn':
+            model = build_cnn(recipe['arch'])
+            key_order = list(model.state_dict())
+            sidecar = {'family': 'cnn', 'arch': recipe['arch'].split('.')[0]}
+        else:
+            spec = ClipTowerSpec(**config['clip_spec'])
+            model = ClipClassifier(spec)
+            key_order = list(model.state_dict())
+            if has_lora(state):  # LoRA updates (a best epoch before any light full fine-tune): load, then fold in
+                apply_lora(model.visual, recipe['lora_rank'], recipe.get('lora_alpha', 16.0))
+            sidecar = {'family': 'vit', 'arch': spec.name, 'quick_gelu': spec.quick_gelu,
+                       'head_width': spec.head_width}
+        sidecar.update(image_size=pp['size'], crop_pct=pp['crop_pct'], mean=pp['mean'], std=pp['std'],
+                       classes=config['classes'])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise RunFolderError(f'{run_dir / "config.json"} does not describe a model export can build '
+                             f'({type(err).__name__}: {err}): {EXPORT_TODO}') from None
+    try:
+        load_exactly(model, state, str(best))
+    except ArchitectureError as err:
+        raise RunFolderError(f'{err}: {EXPORT_TODO}') from None
     merged = merge_lora(model).state_dict()
     state_dict = {k: merged[k] for k in key_order}  # the published key order, whatever LoRA did
     if half:
         state_dict = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
 
     metrics_path = run_dir / 'metrics.json'
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    sidecar.update(image_size=pp['size'], crop_pct=pp['crop_pct'], mean=pp['mean'], std=pp['std'],
-                   classes=config['classes'], dtype='float16' if half else 'float32',
-                   run=run_dir.name, valid_accuracy=metrics.get('valid_accuracy'), exported=date.today().isoformat())
+    metrics = read_json(metrics_path, EXPORT_TODO) if metrics_path.is_file() else {}
+    accuracy = metrics.get('valid_accuracy')
+    sidecar.update(dtype='float16' if half else 'float32', run=run_dir.name, exported=date.today().isoformat(),
+                   valid_accuracy=float(accuracy) if isinstance(accuracy, (int, float)) and math.isfinite(accuracy)
+                   else None)
+
+    # Both files are written and calibrated in a private folder beside `out`, then renamed over the old ones:
+    # a file being served (the demo) keeps its old content until the rename, and a failure anywhere (disk
+    # full, an interrupted export) leaves the old pair as it was and no temporary file behind.
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state_dict, out)
-    out.with_suffix('.json').write_text(json.dumps(sidecar, indent=2) + '\n')
-    if calibrated:
-        try:
-            report = calibrate(out, validation_items(run_dir), run_dir)
-        except (OSError, ValueError) as err:   # e.g. exported on a machine without the training photos
-            print(f'warning: {out.name} is not calibrated (temperature 1.0): its validation photos cannot be '
-                  f'read ({err}); export with the data present, or pass --no-calibrate to silence this')
-        else:
-            sidecar.update(temperature=report['temperature'], calibration=report)
-            out.with_suffix('.json').write_text(json.dumps(sidecar, indent=2) + '\n')
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.', suffix='.tmp'))
+    try:
+        staged = staging / out.name
+        torch.save(state_dict, staged)
+        staged.with_suffix('.json').write_text(json.dumps(sidecar, indent=2, allow_nan=False) + '\n')
+        if calibrated:
+            try:
+                report = calibrate(staged, validation_items(run_dir), run_dir)
+            except (OSError, ValueError, KeyError, csv.Error) as err:   # e.g. a machine without the training photos
+                print(f'warning: {out.name} is not calibrated (temperature 1.0): its validation photos cannot be '
+                      f'read ({err}); export with the data present, or pass --no-calibrate to silence this')
+            else:
+                sidecar.update(temperature=report['temperature'], calibration=report)
+                staged.with_suffix('.json').write_text(json.dumps(sidecar, indent=2, allow_nan=False) + '\n')
+        for path in (staged, staged.with_suffix('.json')):
+            with path.open('rb') as f:
+                os.fsync(f.fileno())
+        os.replace(staged, out)
+        os.replace(staged.with_suffix('.json'), out.with_suffix('.json'))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -19,7 +19,8 @@ from PIL import Image
 from torch import nn
 
 from .labels import CLASSES
-from .preprocess import DRAFT_FLOOR, Preprocessing, open_image, resize_center_crop, to_normalized_tensor
+from .preprocess import (DRAFT_FLOOR, Preprocessing, center_crop, open_image, resize_center_crop, resize_shorter_side,
+                         to_normalized_tensor)
 
 
 class Ensemble(nn.Module):
@@ -61,16 +62,19 @@ def load_image(image_path: str | os.PathLike, model: nn.Module) -> Image.Image:
 
 def tta_views(img: Image.Image, pp: Preprocessing) -> list[Image.Image]:
     """Test-time augmentation: the center crop and the two crops at the ends of the longer side (the same
-    resize as inference), each as is and mirrored: 6 views."""
-    center = resize_center_crop(img, pp)
-    w, h = img.size
-    scale = pp.resize_to / min(w, h)
-    resized = img.resize((max(pp.size, round(w * scale)), max(pp.size, round(h * scale))), Image.BICUBIC)
+    resize as inference, done once), each as is and mirrored: 6 views."""
+    resized = resize_shorter_side(img, pp)
     rw, rh = resized.size
     first, last = ((0, (rh - pp.size) // 2), (rw - pp.size, (rh - pp.size) // 2)) if rw >= rh else \
                   (((rw - pp.size) // 2, 0), ((rw - pp.size) // 2, rh - pp.size))
-    crops = [center] + [resized.crop((x, y, x + pp.size, y + pp.size)) for x, y in (first, last)]
+    crops = [center_crop(resized, pp)] + [resized.crop((x, y, x + pp.size, y + pp.size)) for x, y in (first, last)]
     return crops + [crop.transpose(Image.FLIP_LEFT_RIGHT) for crop in crops]
+
+
+def model_views(img: Image.Image, model: nn.Module, tta: bool = False) -> list[list[Image.Image]]:
+    """The crops each member of `model` takes from one decoded photo: its center crop, or its 6 TTA views."""
+    return [tta_views(img, m.flowers_preprocessing) if tta else [resize_center_crop(img, m.flowers_preprocessing)]
+            for m in members(model)]
 
 
 def image_tensor(img: Image.Image, pp: Preprocessing, tta: bool = False) -> torch.Tensor:
@@ -83,12 +87,18 @@ def image_tensor(img: Image.Image, pp: Preprocessing, tta: bool = False) -> torc
 def probabilities(model: nn.Module, images: list[Image.Image], tta: bool = False) -> torch.Tensor:
     """N x 5 calibrated class probabilities of decoded photos (one batch per member; TTA averages the
     probabilities of the views of each photo)."""
+    return views_probabilities(model, [model_views(img, model, tta) for img in images])
+
+
+@torch.inference_mode()
+def views_probabilities(model: nn.Module, views: list[list[list[Image.Image]]]) -> torch.Tensor:
+    """`probabilities` from the `model_views` of each photo."""
     per_member = []
-    for member in members(model):
+    for k, member in enumerate(members(model)):
         pp = member.flowers_preprocessing
-        x = torch.cat([image_tensor(img, pp, tta) for img in images])
+        x = torch.cat([to_normalized_tensor(view, pp) for photo in views for view in photo[k]])
         p = calibrated_softmax(member, member(x))
-        per_member.append(p.view(len(images), -1, len(CLASSES)).mean(1))
+        per_member.append(p.view(len(views), -1, len(CLASSES)).mean(1))
     return torch.stack(per_member).mean(0)
 
 
@@ -108,12 +118,14 @@ class FileResult:
         return max(self.probabilities, key=self.probabilities.get) if self.probabilities else None
 
 
-def _decode_all(paths: list[Path], model: nn.Module) -> list[Image.Image | Exception]:
+def _decode_all(paths: list[Path], model: nn.Module, tta: bool) -> list[list[list[Image.Image]] | Exception]:
+    """Each file's crops for the model (`model_views`), or its error. Only the crops are kept: a batch of
+    large photos never holds their full-size decodes at once."""
     decoded = []
     for path in paths:
         try:
-            decoded.append(load_image(path, model))
-        except (FileNotFoundError, ValueError) as err:
+            decoded.append(model_views(load_image(path, model), model, tta))
+        except Exception as err:   # noqa: BLE001 - one file's failure, of any type, is its row; the rest go on
             decoded.append(err)
     return decoded
 
@@ -121,17 +133,17 @@ def _decode_all(paths: list[Path], model: nn.Module) -> list[Image.Image | Excep
 def predict_files(model: nn.Module, paths: Iterable[str | os.PathLike], batch_size: int = 16,
                   tta: bool = False) -> Iterator[FileResult]:
     """Classify files in batches, in order. The next batch is decoded in a background thread while the model
-    runs on this one (PIL releases the GIL while decoding). A file that cannot be decoded becomes a result
-    with its error; the others go on."""
+    runs on this one (PIL releases the GIL while decoding and resizing). A file that cannot be decoded becomes
+    a result with its error; the others go on."""
     paths = [Path(p) for p in paths]
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_decode_all, batches[0], model) if batches else None
+        pending = pool.submit(_decode_all, batches[0], model, tta) if batches else None
         for i, batch in enumerate(batches):
             decoded = pending.result()
-            pending = pool.submit(_decode_all, batches[i + 1], model) if i + 1 < len(batches) else None
-            images = [img for img in decoded if isinstance(img, Image.Image)]
-            probs = iter(probabilities(model, images, tta) if images else [])
+            pending = pool.submit(_decode_all, batches[i + 1], model, tta) if i + 1 < len(batches) else None
+            views = [v for v in decoded if not isinstance(v, Exception)]
+            probs = iter(views_probabilities(model, views) if views else [])
             for path, img in zip(batch, decoded):
                 if isinstance(img, Exception):
                     yield FileResult(path, error=f'{type(img).__name__}: {img}')

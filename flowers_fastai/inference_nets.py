@@ -16,9 +16,11 @@ Why hand-written (timm and open_clip build the same networks for training):
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
+import threading
 import warnings
 
 import torch
@@ -33,47 +35,85 @@ def _onednn_ok(x: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available())
 
 
+@contextlib.contextmanager
+def normal_tensors():
+    """Tensors made inside are normal tensors without autograd history, whatever mode the caller is in.
+
+    Under `torch.inference_mode()` every new tensor is an inference tensor: it has no version counter (reading
+    `_version` raises "Inference tensors do not track version counter"), and a parameter made of one, or given
+    one later through `.data`, keeps that state for the model's life. So a model loaded, or a cache packed, inside
+    a caller's `inference_mode` would differ from one made outside it. `submit`'s loaders and every packed cache
+    here build their tensors inside this instead: the same model whatever the caller's mode (inference_mode,
+    no_grad, enable_grad)."""
+    with torch.inference_mode(False), torch.no_grad():   # inference_mode(False) turns grad on: no_grad after it
+        yield
+
+
+def _state_of(t: torch.Tensor) -> tuple:
+    """What identifies a parameter's current contents: its memory, its version counter (moved by any in-place
+    change) and its shape. A tensor made under inference_mode has no version counter: None (such a tensor can
+    still change in place inside inference_mode; `submit`'s loaders never make one, see `normal_tensors`)."""
+    try:
+        version = t._version
+    except RuntimeError:
+        version = None
+    return t.data_ptr(), version, tuple(t.shape)
+
+
 class PackedWeight:
     """A weight reordered once into oneDNN's blocked layout (what inductor's freezing does for CPU linears),
     kept beside the parameter, which stays the model's state. Repacked if the parameter is replaced or
-    changed in place (its version counter moves), so a packed copy is never stale."""
+    changed in place (its version counter moves), so a packed copy is never stale. Safe to share between threads:
+    the (state, packed copy) pair is replaced as one object, and repacking is done under a lock."""
 
     def __init__(self, weight: torch.Tensor, rows_hint: int, scale: float = 1.0):
         self.rows_hint, self.scale = rows_hint, scale   # scale: the packed copy is of scale * weight
-        self._key, self.packed = None, None
+        self._cached, self._lock = (None, None), threading.Lock()
         self.get(weight)
+
+    @property
+    def packed(self) -> torch.Tensor | None:
+        return self._cached[1]
 
     def get(self, weight: torch.Tensor) -> torch.Tensor:
         """The packed copy of `weight` (the parameter, or a view of it), packed again if the parameter moved."""
-        # an inference tensor cannot change in place; any other change moves the version counter
-        key = (weight.data_ptr(), None if weight.is_inference() else weight._version, tuple(weight.shape))
-        if key != self._key:
-            w = weight.detach().flatten(1)
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w * self.scale if self.scale != 1 else w,
-                                                                 self.rows_hint)
-            self._key = key
-        return self.packed
+        key = _state_of(weight)
+        cached = self._cached          # one read: another thread may replace the pair meanwhile
+        if cached[0] == key:
+            return cached[1]
+        with self._lock, normal_tensors():
+            if self._cached[0] != key:
+                w = weight.detach().flatten(1)
+                self._cached = key, torch.ops.mkldnn._reorder_linear_weight(w * self.scale if self.scale != 1 else w,
+                                                                           self.rows_hint)
+            return self._cached[1]
 
 
 class PackedConv:
     """A convolution weight reordered once into oneDNN's layout for one input shape (what inductor's freezing does
     for CPU convolutions; oneDNN chooses the layout from the shape), kept beside the parameter like
-    `PackedWeight`: repacked when the parameter moves, a few input shapes remembered."""
+    `PackedWeight`: repacked when the parameter moves, a few input shapes remembered; thread-safe the same way
+    (the remembered shapes are a new dict each time one is added, never a dict changed while another thread reads
+    it)."""
 
     def __init__(self, conv: nn.Conv2d):
-        self.conv, self._key, self._packed = conv, None, {}
+        self.conv, self._cached, self._lock = conv, (None, {}), threading.Lock()
 
     def get(self, input_shape: torch.Size) -> torch.Tensor:
         w = self.conv.weight
-        key = (w.data_ptr(), None if w.is_inference() else w._version, tuple(w.shape))
-        if key != self._key or len(self._packed) > 8:
-            self._key, self._packed = key, {}
-        packed = self._packed.get(input_shape)
-        if packed is None:
-            c = self.conv
-            packed = self._packed[input_shape] = torch.ops.mkldnn._reorder_convolution_weight(
-                w.detach(), list(c.padding), list(c.stride), list(c.dilation), c.groups, list(input_shape))
-        return packed
+        key = _state_of(w)
+        cached_key, by_shape = self._cached
+        if cached_key == key and (packed := by_shape.get(input_shape)) is not None:
+            return packed
+        with self._lock, normal_tensors():
+            cached_key, by_shape = self._cached
+            by_shape = dict(by_shape) if cached_key == key and len(by_shape) < 8 else {}
+            if input_shape not in by_shape:
+                c = self.conv
+                by_shape[input_shape] = torch.ops.mkldnn._reorder_convolution_weight(
+                    w.detach(), list(c.padding), list(c.stride), list(c.dilation), c.groups, list(input_shape))
+            self._cached = key, by_shape
+            return by_shape[input_shape]
 
 
 def conv2d(x: torch.Tensor, conv: nn.Conv2d, packed: PackedConv | None) -> torch.Tensor:
@@ -148,20 +188,23 @@ class Int8Linear:
 
     def __init__(self, module: nn.Module, weight: str, bias: str, weight_scale: float = 1.0, bias_scale: float = 1.0):
         self.module, self.names, self.weight_scale, self.bias_scale = module, (weight, bias), weight_scale, bias_scale
-        self._key, self._packed = None, None
+        self._cached, self._lock = (None, None), threading.Lock()   # thread-safe as `PackedWeight`
 
     def _pack(self):
         weight, bias = (getattr(self.module, name) for name in self.names)
-        key = tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in (weight, bias))
-        if key != self._key:
-            w = weight.detach().float() * self.weight_scale
-            scales = (w.abs().amax(dim=1) / 127.5).clamp_min(torch.finfo(torch.float32).eps).double()
-            with warnings.catch_warnings():   # torch marks its quantized tensors deprecated; the ops remain in 2.x
-                warnings.simplefilter('ignore', UserWarning)
-                q = torch.quantize_per_channel(w, scales, torch.zeros(len(w), dtype=torch.long), 0, torch.qint8)
-                self._packed = torch.ops.quantized.linear_prepack(q, bias.detach().float() * self.bias_scale)
-            self._key = key
-        return self._packed
+        key = (_state_of(weight), _state_of(bias))
+        cached = self._cached
+        if cached[0] == key:
+            return cached[1]
+        with self._lock, normal_tensors():
+            if self._cached[0] != key:
+                w = weight.detach().float() * self.weight_scale
+                scales = (w.abs().amax(dim=1) / 127.5).clamp_min(torch.finfo(torch.float32).eps).double()
+                with warnings.catch_warnings():   # torch marks its quantized tensors deprecated; the ops remain in 2.x
+                    warnings.simplefilter('ignore', UserWarning)
+                    q = torch.quantize_per_channel(w, scales, torch.zeros(len(w), dtype=torch.long), 0, torch.qint8)
+                    self._cached = key, torch.ops.quantized.linear_prepack(q, bias.detach().float() * self.bias_scale)
+            return self._cached[1]
 
     def __call__(self, x: torch.Tensor, act: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         # reduce_range: 7-bit activations, as quantize_dynamic's x86 default (no int16 overflow in the kernel)
@@ -199,7 +242,10 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
     (After `quantize_int8`, this puts the ViT back to fp32.)"""
     keep_freed_memory()
     if isinstance(model, ConvNeXtV2):
-        with torch.inference_mode(False):   # even when loaded under inference_mode: keep normal parameters
+        # `.to` swaps each parameter's `.data`: the new tensor must be of the parameter's own kind (an inference
+        # tensor given a normal one, or the reverse, is left half one, half the other); `submit` builds normal ones
+        inference = any(p.is_inference() for p in model.parameters())
+        with torch.inference_mode() if inference else normal_tensors():
             model = model.to(memory_format=torch.channels_last)
     if torch.backends.mkldnn.is_available():
         for module in model.modules():
@@ -266,11 +312,14 @@ class _Mlp(nn.Module):
         self._folded = (None, None)
 
     def _folded_bias(self) -> torch.Tensor:
-        """fc2's bias with GRN's folded in: fc2(h s + b) = fc2(h s) + W2 b. Cached, recomputed if a weight moves."""
-        key = tuple((t.data_ptr(), t._version) for t in (self.fc2.weight, self.fc2.bias, self.grn.bias))
-        if key != self._folded[0]:
-            self._folded = key, self.fc2.bias + self.fc2.weight.flatten(1) @ self.grn.bias
-        return self._folded[1]
+        """fc2's bias with GRN's folded in: fc2(h s + b) = fc2(h s) + W2 b. Cached, recomputed if a weight moves
+        (the pair replaced as one object: threads sharing the model see an old pair or a new one, never a mix)."""
+        key = tuple(_state_of(t) for t in (self.fc2.weight, self.fc2.bias, self.grn.bias))
+        folded = self._folded
+        if key != folded[0]:
+            with normal_tensors():
+                folded = self._folded = key, self.fc2.bias + self.fc2.weight.flatten(1) @ self.grn.bias
+        return folded[1]
 
     def forward(self, x_nhwc: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """fc2(GRN(GELU(fc1(x)))) (+ residual, summed inside fc2 at inference)."""

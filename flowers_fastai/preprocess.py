@@ -5,21 +5,28 @@ functions, so what a model is validated on and what it predicts on cannot drift 
 """
 from __future__ import annotations
 
+import errno
 import os
-import struct
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's published statistics
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DRAFT_FLOOR = 512  # JPEGs decode at reduced scale only while both sides stay >= this (or 2x the resize)
+# Images with one side over this many times the other are refused before decoding: the resize of the shorter
+# side would make the longer one up to this many times the crop (a 1 x 100000 PNG: 256 x 25.6 million pixels).
+MAX_ASPECT_RATIO = 50
+# Conversions to 8-bit RGB run over stripes of about this many pixels: their temporaries stay a few tens of MB.
+STRIPE_PIXELS = 1 << 20
+_MISSING = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP}   # what Path.exists() took for "does not exist"
 
 
 @dataclass(frozen=True)
@@ -47,11 +54,33 @@ class TruncatedImageWarning(UserWarning):
     """A photo whose file ends early; the decodable part was used."""
 
 
-def _to_8bit_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
+class _Refused(ValueError):
+    """An image refused on its size, before decoding (re-raised as a plain ValueError)."""
+
+
+def _refuse_oversized(path: Path, size: tuple[int, int]) -> None:
+    """Refuse sizes that would take unbounded memory to decode or to resize. An explicit check, not PIL's
+    `DecompressionBombWarning` turned into an error: warning filters are process-wide, and changing them per
+    call raced with other threads' decodes (a bomb then slipped through)."""
+    w, h = size
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and w * h > limit:
+        raise _Refused(f'{path} is refused: {w}x{h} = {w * h} pixels is over the decompression-bomb limit of '
+                       f'{limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)')
+    if not _photo_shape(w, h):
+        raise _Refused(f'{path} is refused: {w}x{h} pixels is no photo (the longer side may be at most '
+                       f'{MAX_ASPECT_RATIO} times the shorter one)')
+
+
+def _photo_shape(w: int, h: int) -> bool:
+    return min(w, h) >= 1 and max(w, h) <= MAX_ASPECT_RATIO * min(w, h)
+
+
+def _to_rgb(img: Image.Image, hi: float | None) -> Image.Image:
+    """One image (or stripe of one) as a new 8-bit RGB image; `hi` the full scale of a 16/32-bit one."""
+    if hi is not None:
         # PIL's convert() clips 16/32-bit values to 0..255 (a white picture); rescale to 8 bits instead.
         arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith('I;16') or arr.max() > 255 else 255.0
         img = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), 'L')
     has_alpha = img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (img.mode == 'P' and 'transparency' in img.info)
     if has_alpha:  # composite on white: a transparent background would otherwise turn black
@@ -61,56 +90,151 @@ def _to_8bit_rgb(img: Image.Image) -> Image.Image:
     return img.convert('RGB')
 
 
-def _decode(path: Path, draft_min_side: int | None) -> Image.Image:
+def _stripes(img: Image.Image) -> list[tuple[int, int, int, int]]:
+    w, h = img.size
+    rows = max(1, STRIPE_PIXELS // w)
+    return [(0, top, w, min(h, top + rows)) for top in range(0, h, rows)]
+
+
+def _to_8bit_rgb(img: Image.Image) -> Image.Image:
+    """A new 8-bit RGB image of `img` (RGB, alpha composited on white, 16/32-bit rescaled). Every step is per
+    pixel, so it is done in stripes of rows: whole-image temporaries (the float64 array, the RGBA copy, the
+    white background) never exist, and the peak is the decoded image plus the RGB result."""
+    if img.mode == 'RGB':
+        return img.copy()   # the caller closes `img`
+    boxes, hi = _stripes(img), None
+    if img.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
+        if img.mode.startswith('I;16'):
+            hi = 65535.0
+        else:   # the same maximum (NaN included) as np.asarray(img).max(), a stripe at a time
+            peak = np.max([np.asarray(img.crop(box), dtype=np.float64).max() for box in boxes])
+            hi = 65535.0 if peak > 255 else 255.0
+    if len(boxes) == 1:
+        return _to_rgb(img, hi)
+    out = Image.new('RGB', img.size)
+    for box in boxes:
+        out.paste(_to_rgb(img.crop(box), hi), box[:2])
+    return out
+
+
+def _end_jpeg_at_eof(img: Image.Image) -> list[bool]:
+    """Let a JPEG that ends early decode as far as it goes: at the end of the file hand libjpeg an end-of-image
+    marker once, so that it finishes the picture (the missing part gray). That is what PIL's
+    `JpegImageFile.load_read` does under `ImageFile.LOAD_TRUNCATED_IMAGES`, but set on this image only: the
+    flag is process-wide, and toggling it per call leaked it to (and from) other threads. Returns a list
+    that holds True once the marker was needed, i.e. once the file turned out to be truncated."""
+    fp, ended = img.fp, []   # fp, not img, in the closure: no reference cycle keeps the pixels alive
+
+    def load_read(read_bytes: int) -> bytes:
+        data = fp.read(read_bytes)
+        if not data and not ended:
+            ended.append(True)
+            return b'\xff\xd9'
+        return data
+    img.load_read = load_read
+    return ended
+
+
+def _decode(path: Path, draft_min_side: int | None) -> tuple[Image.Image, bool]:
     with Image.open(path) as img:
-        img.seek(0)  # animated GIF/WEBP: first frame
-        if draft_min_side and img.format == 'JPEG':
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while both sides stay >= draft_min_side:
-            # an 8000x6000 photo is never materialised at full size.
-            img.draft('RGB', (draft_min_side, draft_min_side))
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        return _to_8bit_rgb(img)
+        # No img.seek(0): a just-opened image is on its first frame already (animated GIF/WEBP), and a PSD
+        # (whose layers are frames 1...) raised there instead of giving its flattened image.
+        _refuse_oversized(path, img.size)
+        ended = []
+        if isinstance(img, JpegImagePlugin.JpegImageFile):   # MPO too
+            if draft_min_side and img.format == 'JPEG':
+                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while both sides stay >= draft_min_side:
+                # an 8000x6000 photo is never materialised at full size.
+                img.draft('RGB', (draft_min_side, draft_min_side))
+            ended = _end_jpeg_at_eof(img)
+        try:
+            img.load()
+        except OSError as err:
+            if 'truncated' not in str(err) and 'broken data stream' not in str(err):
+                raise
+            # The file ends early (or the decoder gave up on its last bytes): keep what was decoded, as PIL does
+            # under ImageFile.LOAD_TRUNCATED_IMAGES, without that process-wide flag. Where nothing was decoded
+            # (no image memory yet), this second load() raises "cannot load this image".
+            img.tile = []
+            img.load()
+            ended.append(True)
+        _refuse_oversized(path, img.size)   # a few formats (ICO, ICNS, EPS...) settle their size while loading
+        ImageOps.exif_transpose(img, in_place=True)   # in place: no second full-size copy of an upright photo
+        return _to_8bit_rgb(img), bool(ended)
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f'{type(err).__name__}: {text[0]}' if text else type(err).__name__
+
+
+def decode_image(image_path: str | os.PathLike,
+                 draft_min_side: int | None = None) -> tuple[Image.Image, bool]:
+    """`open_image` without the warning: (the 8-bit RGB image, whether the file was truncated). Changes no
+    process-wide state (no warning filter, no `ImageFile.LOAD_TRUNCATED_IMAGES`): safe in threads."""
+    path = Path(image_path)
+    try:
+        st = path.stat()
+    except OSError as err:
+        if err.errno in _MISSING:
+            raise FileNotFoundError(f'No such image: {path}') from None
+        raise ValueError(f'{path} cannot be read: {err.strerror or _reason(err)}') from None   # ENAMETOOLONG...
+    except ValueError as err:   # an embedded NUL byte, a name the file system cannot encode
+        raise ValueError(f'{path} is not a usable path: {err}') from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ValueError(f'{path} is a directory, not an image file')
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f'{path} is not a regular file (a device, a pipe or a socket), not an image file')
+    if st.st_size == 0:
+        raise ValueError(f'{path} is an empty file, not an image')
+    try:
+        return _decode(path, draft_min_side)
+    except _Refused as err:
+        raise ValueError(str(err)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # PIL's own refusal at twice the limit in Image.open (or its warning, where the caller's filters raise it)
+        raise ValueError(f'{path} is refused: {err}') from None
+    except UnidentifiedImageError:
+        raise ValueError(f'{path} is not an image PIL can decode') from None
+    except FileNotFoundError:
+        if not os.path.lexists(path):   # removed while being read
+            raise FileNotFoundError(f'No such image: {path}') from None
+        raise ValueError(f'{path} could not be decoded as an image: a file it refers to is missing') from None
+    except MemoryError:
+        # Within the size limits one image needs a bounded amount of memory (README: ~8 bytes per pixel);
+        # running out here says this file is too large for the memory left, not that the process is lost:
+        # what the decoder took is freed as the call fails, and the next photo goes on.
+        raise ValueError(f'{path} could not be decoded: not enough memory for an image of its size') from None
+    except Exception as err:   # noqa: BLE001 - any decoder's failure, of any type (NotImplementedError from a
+        # DDS pixel format, EOFError, struct.error...), is this file's failure: one documented exception
+        raise ValueError(f'{path} could not be decoded as an image: {_reason(err)}') from None
 
 
 def open_image(image_path: str | os.PathLike, draft_min_side: int | None = None) -> Image.Image:
     """Open any photo PIL can decode as an 8-bit RGB image, upright (EXIF orientation applied).
 
     Raises `FileNotFoundError` for a path that does not exist and `ValueError` (naming the path) for
-    anything that is not a decodable image: a directory, an empty file, text, random bytes, an image over
-    PIL's decompression-bomb limit. A truncated file that PIL can partly decode is used with a
-    `TruncatedImageWarning`.
+    anything else that is not a decodable image: a directory, an empty file, text, random bytes, a path
+    too long to open, any decoder failure, an image over PIL's decompression-bomb limit or with one side
+    over `MAX_ASPECT_RATIO` times the other (both refused before decoding). A truncated file is used as far
+    as it decodes, with a `TruncatedImageWarning` (`decode_image` returns that flag instead of warning).
     """
-    path = Path(image_path)
-    if not path.exists():
-        raise FileNotFoundError(f'No such image: {path}')
-    if path.is_dir():
-        raise ValueError(f'{path} is a directory, not an image file')
-    if path.stat().st_size == 0:
-        raise ValueError(f'{path} is an empty file, not an image')
-    try:
-        with warnings.catch_warnings():
-            # Between 1x and 2x MAX_IMAGE_PIXELS PIL only warns; refuse there too, before any decoding.
-            warnings.simplefilter('error', Image.DecompressionBombWarning)
-            try:
-                return _decode(path, draft_min_side)
-            except OSError as err:
-                if 'truncated' not in str(err) and 'broken data stream' not in str(err):
-                    raise
-            # Decode what is there; the flag is process-wide, so restore it at once.
-            previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
-            try:
-                img = _decode(path, draft_min_side)
-            finally:
-                ImageFile.LOAD_TRUNCATED_IMAGES = previous
-        warnings.warn(f'{path}: truncated image file, only its decodable part was used', TruncatedImageWarning)
-        return img
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ValueError(f'{path} is refused: {err}') from None
-    except UnidentifiedImageError:
-        raise ValueError(f'{path} is not an image PIL can decode') from None
-    except (OSError, SyntaxError, EOFError, struct.error) as err:
-        raise ValueError(f'{path} could not be decoded as an image: {err}') from None
+    img, truncated = decode_image(image_path, draft_min_side)
+    if truncated:
+        warnings.warn(f'{image_path}: truncated image file, only its decodable part was used',
+                      TruncatedImageWarning)
+    return img
+
+
+def resized_size(size: tuple[int, int], pp: Preprocessing) -> tuple[int, int]:
+    """The size of an image of `size` with its shorter side resized to `pp.resize_to` (neither side under
+    `pp.size`). `ValueError` beyond `MAX_ASPECT_RATIO`: the resize would be that many times the crop."""
+    w, h = size
+    if not _photo_shape(w, h):
+        raise ValueError(f'a {w}x{h} image is no photo: the longer side may be at most {MAX_ASPECT_RATIO} times '
+                         'the shorter one')
+    scale = pp.resize_to / min(w, h)
+    return max(pp.size, round(w * scale)), max(pp.size, round(h * scale))
 
 
 def resize_center_crop(img: Image.Image, pp: Preprocessing) -> Image.Image:
@@ -119,12 +243,19 @@ def resize_center_crop(img: Image.Image, pp: Preprocessing) -> Image.Image:
     Not `img.resize(..., box=crop)`, which would compute only the kept pixels (0.6 ms faster on the examples):
     PIL then orders its two passes differently and rounds in between, and on the 3,887 photos of the data set
     that changed pixels by up to 20 levels of 255, mostly on photos smaller than the resize."""
-    w, h = img.size
-    scale = pp.resize_to / min(w, h)
-    new_w, new_h = max(pp.size, round(w * scale)), max(pp.size, round(h * scale))
-    img = img.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - pp.size) // 2, (new_h - pp.size) // 2
-    return img.crop((left, top, left + pp.size, top + pp.size))
+    return center_crop(resize_shorter_side(img, pp), pp)
+
+
+def resize_shorter_side(img: Image.Image, pp: Preprocessing) -> Image.Image:
+    """`img` with its shorter side resized to `pp.resize_to` (bicubic; neither side under `pp.size`). At most
+    `MAX_ASPECT_RATIO` * `pp.resize_to`**2 pixels (`resized_size` refuses longer images)."""
+    return img.resize(resized_size(img.size, pp), Image.BICUBIC)
+
+
+def center_crop(resized: Image.Image, pp: Preprocessing) -> Image.Image:
+    """The central `pp.size` square of a resized image."""
+    left, top = (resized.width - pp.size) // 2, (resized.height - pp.size) // 2
+    return resized.crop((left, top, left + pp.size, top + pp.size))
 
 
 def to_normalized_tensor(img: Image.Image, pp: Preprocessing) -> torch.Tensor:

@@ -10,9 +10,12 @@ Formats read from a local file:
 """
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import re
 import socket
+import warnings
 import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -69,11 +72,23 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f'pretrained weights file not found: {path}')
     if path.suffix == '.safetensors':
         from safetensors.torch import load_file
-        return load_file(str(path), device='cpu')
+        try:
+            return load_file(str(path), device='cpu')
+        except Exception as err:   # safetensors' own error type, for a truncated or foreign file
+            raise ArchitectureError(f'pretrained file {path} cannot be read (truncated download?: '
+                                    f'{type(err).__name__}: {_first_line(err)}); download it again') from None
     if zipfile.is_zipfile(path) and any(n.endswith('constants.pkl') for n in zipfile.ZipFile(path).namelist()):
-        # OpenAI's published CLIP files are TorchScript archives: read their parameters, run nothing.
-        return dict(torch.jit.load(str(path), map_location='cpu').state_dict())
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+        # OpenAI's published CLIP files are TorchScript archives: their tensors are read, their code never runs
+        return read_torchscript_tensors(path)
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ArchitectureError(f'pretrained file {path} is refused: it is a pickle that would need to run code to '
+                                f'load ({_first_line(err)}); give the published weights file') from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, AttributeError,
+            IndexError, TypeError) as err:   # what torch raises for truncated or foreign bytes
+        raise ArchitectureError(f'pretrained file {path} cannot be read (truncated download, or not a weights file?: '
+                                f'{type(err).__name__}: {_first_line(err)}); download it again') from None
     for key in ('state_dict', 'model', 'model_ema'):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -81,6 +96,94 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise ArchitectureError(f'{path} holds a {type(obj).__name__}, not a state_dict')
     return {k.removeprefix('module.'): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _first_line(err: Exception) -> str:
+    """What went wrong, in one line: for torch's weights_only refusal the line naming what was refused (its first
+    line advises `weights_only=False`, the very thing not to do), without terminal colour codes."""
+    text = re.sub(r'\x1b\[[0-9;]*m', '', str(err)).strip()
+    for line in text.splitlines():
+        if 'WeightsUnpickler error:' in line:
+            return line.split('WeightsUnpickler error:', 1)[1].strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class _ScriptObject:
+    """Stands in for every TorchScript class (`__torch__.*`) of an archive: only its attributes are kept."""
+
+    def __setstate__(self, state):
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+
+# torch.jit._pickle's helpers tag lists of module attributes (a conv's stride...): each returns its argument
+_JIT_PICKLE_HELPERS = ('build_intlist', 'build_tensorlist', 'build_doublelist', 'build_boollist', 'restore_type_tag')
+
+
+class _TorchScriptUnpickler(pickle.Unpickler):
+    """The archive's data.pkl with an allow-list of globals: tensors, their storages, OrderedDict and stand-ins
+    for its modules. `torch.jit.load` would also run the archive's TorchScript code (`__setstate__` methods); a
+    Python global outside the list (`os.system`...) is refused before anything is called."""
+
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(file)
+        self.archive, self.prefix = archive, prefix
+
+    def find_class(self, module, name):
+        if module == '__torch__' or module.startswith('__torch__.'):
+            return _ScriptObject
+        if (module, name) in (('torch._utils', '_rebuild_tensor_v2'), ('collections', 'OrderedDict')) or (
+                module == 'torch.jit._pickle' and name in _JIT_PICKLE_HELPERS):
+            return getattr(__import__(module, fromlist=[name]), name)
+        if module == 'torch' and name.endswith('Storage') and isinstance(getattr(torch, name, None), type):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f'global {module}.{name} is not allowed in a weights file')
+
+    def persistent_load(self, pid):
+        kind, storage_type, key, _location, numel = pid
+        if kind != 'storage':
+            raise pickle.UnpicklingError(f'unknown persistent id {kind!r}')
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')   # TypedStorage deprecation: it is what torch's own loader builds
+            dtype = storage_type.dtype
+        data = self.archive.read(f'{self.prefix}data/{key}')
+        if len(data) != numel * dtype.itemsize:
+            raise pickle.UnpicklingError(f'storage {key} holds {len(data)} bytes, not {numel} x {dtype}')
+        storage = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data else torch.UntypedStorage(0)
+        return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+
+
+def read_torchscript_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """{name: tensor} of a TorchScript archive's modules (parameters and buffers, as `torch.jit.load(path)
+    .state_dict()` names them), read without running any of the archive's code."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            data_pkl = next(n for n in archive.namelist() if n.endswith('data.pkl') and n.count('/') == 1)
+            root = _TorchScriptUnpickler(io.BytesIO(archive.read(data_pkl)), archive,
+                                         data_pkl[:-len('data.pkl')]).load()
+    except pickle.UnpicklingError as err:
+        raise ArchitectureError(f'pretrained file {path} is refused: {_first_line(err)}; give the published weights '
+                                'file') from None
+    except (StopIteration, KeyError, EOFError, OSError, zipfile.BadZipFile, ValueError, TypeError, AttributeError,
+            IndexError, RuntimeError) as err:
+        raise ArchitectureError(f'pretrained file {path} is not a readable TorchScript archive (truncated download?: '
+                                f'{type(err).__name__}: {_first_line(err)}); download it again') from None
+    tensors, seen = {}, set()
+
+    def collect(obj, prefix):
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        for name, value in vars(obj).items():
+            if isinstance(value, torch.Tensor):
+                tensors[prefix + name] = value
+            elif isinstance(value, _ScriptObject):
+                collect(value, f'{prefix}{name}.')
+    if not isinstance(root, _ScriptObject):
+        raise ArchitectureError(f'pretrained file {path} holds no TorchScript module')
+    collect(root, '')
+    return tensors
 
 
 # ---------------------------------------------------------------------------------------------- CNN

@@ -3,15 +3,18 @@ run's reports."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+import warnings
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.torch_core import num_distrib, rank_distrib
+from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib
 from fastai.vision.all import (Adam, Callback, ClassificationInterpretation, CrossEntropyLossFlat, CSVLogger,
                                EarlyStoppingCallback, GradientAccumulation, GradientClip, Learner, SaveModelCallback,
                                accuracy, default_device, set_seed)
@@ -19,19 +22,32 @@ from fastai.vision.all import (Adam, Callback, ClassificationInterpretation, Cro
 from .architectures import ClipClassifier
 from .audit import audit_items
 from .callbacks import MixUpCutMix, WeightEMA
-from .data import flower_dataloaders, scan_image_folder, stratified_split
-from .exporting import VALID_ITEMS
+from .data import DatasetError, flower_dataloaders, scan_image_folder, stratified_split
+from .exporting import VALID_ITEMS, RunFolderError, atomic_write, load_checkpoint, read_json, write_json
 from .labels import CLASSES
 from .lora import has_lora, merge_lora, merge_lora_state
+from .distill import Distillation, attach_distill_head, with_distill_head
 from .models import SPLITTERS, create_model, layerwise_lrs
-from .preprocess import cnn_preprocessing, vit_preprocessing
+from .preprocess import Preprocessing, cnn_preprocessing, vit_preprocessing
 from .recipes import Recipe
+from .teachers import load_teacher, timm_data_config
 
 BEST, LAST = 'best', 'last'   # checkpoint names under <run>/models/
+RESUME_TODO = 'this run cannot continue: train it again under another --name (or delete its folder first)'
 
 
-def preprocessing_for(recipe: Recipe):
-    return (cnn_preprocessing if recipe.family == 'cnn' else vit_preprocessing)(recipe.size)
+def preprocessing_for(recipe: Recipe, size: int | None = None) -> Preprocessing:
+    """The family's input pipeline at `size` (default: the recipe's); a teacher's is timm's for its weights."""
+    size = size or recipe.size
+    if recipe.family == 'teacher':
+        cfg = timm_data_config(recipe.arch)
+        return Preprocessing(size, cfg['crop_pct'], tuple(cfg['mean']), tuple(cfg['std']))
+    return (cnn_preprocessing if recipe.family == 'cnn' else vit_preprocessing)(size)
+
+
+def delivery_preprocessing(recipe: Recipe) -> Preprocessing:
+    """What the delivered file is fed: the size the run ends at (progressive resizing's, when on)."""
+    return preprocessing_for(recipe, recipe.resize_to if recipe.resize_epochs else None)
 
 
 def _skipped(learn: Learner) -> bool:
@@ -42,13 +58,22 @@ def _skipped(learn: Learner) -> bool:
 class BestCheckpoint(SaveModelCallback):
     """SaveModelCallback on validation accuracy that ignores the epochs skipped on resume."""
 
-    def __init__(self, best: float | None = None):
+    def __init__(self, best: float | None = None, recipe: Recipe | None = None):
         super().__init__(monitor='accuracy', fname=BEST, reset_on_fit=False)
-        self.best = best
+        self.best, self.recipe = best, recipe
 
     def after_epoch(self):
         if not _skipped(self.learn):
             super().after_epoch()
+
+    def _save(self, name):
+        if not rank_distrib():   # atomically: an interrupted write never leaves a truncated best.pth
+            self.last_saved_path = _save_checkpoint(self.learn, name, with_opt=self.with_opt)
+
+    def after_fit(self, **kwargs):
+        # fastai's after_fit reloads the best weights with torch.load(weights_only=False), which runs the code
+        # of a crafted best.pth: the same reload here, read with weights_only=True (and across a LoRA merge).
+        _load_checkpoint(self.learn, self.fname, self.recipe, with_opt=False)
 
 
 class EarlyStopping(EarlyStoppingCallback):
@@ -101,15 +126,16 @@ class ResumableCheckpoint(Callback):
     def after_epoch(self):
         if _skipped(self.learn) or rank_distrib():
             return
-        self.learn.save(LAST, with_opt=True)
-        self.state_path.write_text(json.dumps(
-            {'phase': self.phase_index, 'epoch': self.epoch, 'best': float(self.tracker.best)}))
+        # both written atomically (temporary file + rename): an interrupted write leaves the previous resume point
+        _save_checkpoint(self.learn, LAST, with_opt=True)
+        write_json(self.state_path, {'phase': self.phase_index, 'epoch': self.epoch,
+                                     'best': _finite(self.tracker.best)})
 
 
 def make_learner(recipe: Recipe, dls, model, run_dir: Path) -> Learner:
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(label_smoothing=recipe.label_smoothing),
                     opt_func=Adam,  # fastai's Adam with decoupled weight decay: AdamW
-                    wd=recipe.wd, metrics=accuracy, splitter=SPLITTERS[recipe.family],
+                    wd=recipe.wd, metrics=accuracy, splitter=with_distill_head(SPLITTERS[recipe.family]),
                     path=run_dir, model_dir='models', cbs=[GradientClip(1.0)],
                     train_bn=False)  # frozen means frozen: no norm layer trains in a linear probe
     if default_device().type == 'cuda':
@@ -125,13 +151,23 @@ def _phases(recipe: Recipe, pretrained) -> list[dict]:
     block from the top (layer-wise LR decay, see `_phase_lrs`). `trainable`: how many groups from the top train
     (None: all). From scratch there is nothing to protect: one phase, everything at one LR."""
     if not pretrained:
-        return [dict(name='scratch', epochs=recipe.epochs, trainable=None, lr_div=None)]
+        return [dict(name='scratch', epochs=recipe.epochs, trainable=None, lr_div=None),
+                *_resize_phase(recipe, pretrained)]
     phases = [dict(name='frozen', epochs=recipe.freeze_epochs, trainable=1 + recipe.phase_a_blocks, lr_div=1.0),
               dict(name='partial' if recipe.unfreeze_blocks else 'full', epochs=recipe.epochs,
                    trainable=1 + recipe.unfreeze_blocks if recipe.unfreeze_blocks else None, lr_div=1.0),
               dict(name='final', epochs=recipe.final_epochs, trainable=None, lr_div=recipe.final_lr_div,
                    merge_lora=bool(recipe.lora_rank))]
-    return [phase for phase in phases if phase['epochs']]
+    return [phase for phase in phases if phase['epochs']] + _resize_phase(recipe, pretrained)
+
+
+def _resize_phase(recipe: Recipe, pretrained) -> list[dict]:
+    """fastai's progressive resizing: the last `resize_epochs` epochs on photos of `resize_to` px, everything
+    training at LR / final_lr_div (from scratch: one LR for all)."""
+    if not recipe.resize_epochs:
+        return []
+    return [dict(name=f'resized{recipe.resize_to}', epochs=recipe.resize_epochs, trainable=None,
+                 lr_div=recipe.final_lr_div, size=recipe.resize_to, single_lr=not pretrained)]
 
 
 def _phase_lrs(learn: Learner, recipe: Recipe, phase: dict):
@@ -139,25 +175,70 @@ def _phase_lrs(learn: Learner, recipe: Recipe, phase: dict):
     head_lr = recipe.lr * recipe.lr_scale
     if phase['lr_div'] is None:
         return head_lr
+    if phase.get('single_lr'):
+        return head_lr / phase['lr_div']
     n_groups = len(learn.splitter(learn.model))
     return layerwise_lrs(n_groups, head_lr, head_lr / recipe.backbone_lr_div, recipe.llrd) / phase['lr_div']
 
 
-def _load_checkpoint(learn: Learner, name: str, recipe: Recipe, with_opt: bool) -> None:
-    """fastai's `learn.load`, also across a LoRA merge: a merged checkpoint (saved during the light full
-    fine-tune) makes a LoRA model merge first; a LoRA checkpoint for a merged model (a best epoch from before
-    the merge) is merged on the fly, without optimizer state, which belonged to the LoRA updates."""
-    if recipe.lora_rank:
-        saved = torch.load(learn.path / learn.model_dir / f'{name}.pth', map_location='cpu',
-                           weights_only=False)   # our own checkpoint: fastai pickles its optimizer state with L
-        state = saved.get('model', saved)
-        if has_lora(learn.model) and not has_lora(state):
-            merge_lora(learn.model)
-            learn.opt = None   # fastai's load builds it again, over the merged weights
-        elif has_lora(state) and not has_lora(learn.model):
-            learn.model.load_state_dict(merge_lora_state(state, recipe.lora_alpha))
-            return
-    learn.load(name, with_opt=with_opt)
+def _finite(x) -> float | None:
+    """A number for JSON (state.json, metrics.json): None where there is none (-inf before any epoch, NaN)."""
+    return float(x) if x is not None and math.isfinite(float(x)) else None
+
+
+def _plain(obj):
+    """fastai's optimizer state with its fastcore `L` lists as plain lists and NumPy scalars as Python numbers:
+    tensors, numbers and plain containers only, what `torch.load(weights_only=True)` reads without extra globals."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) or type(obj).__name__ == 'L':
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):   # the schedulers' NumPy floats (lr, mom) as Python numbers
+        return obj.item()
+    return obj
+
+
+def _save_checkpoint(learn: Learner, name: str, with_opt: bool) -> Path:
+    """fastai's `learn.save` (same layout: the state_dict, or {'model', 'opt'}), written to a temporary file and
+    renamed over the old one, so that an interrupted write leaves the previous checkpoint whole."""
+    path = learn.path / learn.model_dir / f'{name}.pth'
+    state = get_model(learn.model).state_dict()
+    if with_opt and learn.opt is not None:
+        state = {'model': state, 'opt': _plain(learn.opt.state_dict())}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    return path
+
+
+def _load_checkpoint(learn: Learner, name: str, recipe: Recipe | None, with_opt: bool) -> None:
+    """fastai's `learn.load`, read with `weights_only=True` (a crafted checkpoint is refused, none of its code
+    runs; a truncated or missing one is a `RunFolderError` naming it), also across a LoRA merge: a merged
+    checkpoint (saved during the light full fine-tune) makes a LoRA model merge first; a LoRA checkpoint for a
+    merged model (a best epoch from before the merge) is merged on the fly, without optimizer state, which
+    belonged to the LoRA updates."""
+    from fastcore.foundation import L
+    path = learn.path / learn.model_dir / f'{name}.pth'
+    distrib_barrier()   # as in fastai's load: under data-parallel training the main process has written it
+    saved = load_checkpoint(path, RESUME_TODO, map_location=getattr(learn.dls, 'device', None) or 'cpu')
+    has_opt = set(saved) == {'model', 'opt'}
+    state = saved['model'] if has_opt else saved
+    try:
+        if recipe is not None and recipe.lora_rank:
+            if has_lora(learn.model) and not has_lora(state):
+                merge_lora(learn.model)
+                learn.opt = None   # built again below, over the merged weights
+            elif has_lora(state) and not has_lora(learn.model):
+                learn.model.load_state_dict(merge_lora_state(state, recipe.lora_alpha))
+                return
+        if learn.opt is None:
+            learn.create_opt()
+        get_model(learn.model).load_state_dict(state)
+        if with_opt and has_opt:
+            learn.opt.load_state_dict({**saved['opt'], 'hypers': L(saved['opt']['hypers'])})
+        elif with_opt:
+            warnings.warn(f'{path} holds no optimizer state: the optimizer starts afresh')
+    except (RuntimeError, KeyError, TypeError, AssertionError, AttributeError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunFolderError(f'{path} does not fit this run\'s model ({first_line}): {RESUME_TODO}') from None
 
 
 def _set_trainable(learn: Learner, trainable: int | None) -> None:
@@ -168,6 +249,45 @@ def _set_trainable(learn: Learner, trainable: int | None) -> None:
         learn.freeze_to(-trainable)
 
 
+def _check_class_sizes(items, dropped: Counter, data_dir, limit_items) -> None:
+    """Every class needs a photo on each side of the split: at least 2 usable ones. Without this an emptied
+    class (all its photos copies of photos filed under another class, left out by the audit) trains on, and its
+    accuracy is 0/0 in metrics.json."""
+    counts = Counter(label for _, label in items)
+    for c in CLASSES:
+        if counts[c] >= 2:
+            continue
+        why = (f' after the audit left out {dropped[c]} of its photos as copies of photos filed under another class '
+               f'(listed by `python train.py audit --data {data_dir}`)' if dropped[c] else '')
+        todo = (f'remove each copy from the folder where it does not belong, or add other photos of {c}'
+                if dropped[c] else f'add photos of {c}')
+        if limit_items is not None:
+            todo += ', or raise --limit'
+        raise DatasetError(f'class {c!r} has {counts[c]} usable photo(s){why}; every class needs at least 2 (one for '
+                           f'training, one for validation): {todo}')
+
+
+def _check_split_sides(dls, recipe: Recipe, split: str) -> None:
+    """Before training: each class on both sides of the split, and at least one full training batch (fastai
+    drops an incomplete one: fewer photos than `bs` would be 0 batches, an epoch that trains nothing)."""
+    train_counts, valid_counts = Counter(dls.train_ds.items['label']), Counter(dls.valid_ds.items['label'])
+    for c in CLASSES:
+        for side, counts in (('training', train_counts), ('validation', valid_counts)):
+            if not counts[c]:
+                n = train_counts[c] + valid_counts[c]
+                how = ('copies of one another, which the grouped split keeps on one side: add other photos of '
+                       f'{c}, or pass --split stratified' if split == 'grouped' else f'too few: add photos of {c}')
+                raise DatasetError(f'class {c!r} has no photo on the {side} side of the split: its {n} photo(s) are '
+                                   f'{how}')
+    n_train, per_step = len(dls.train_ds), recipe.bs * recipe.accumulate
+    if n_train < per_step:
+        flag = f'--bs {recipe.bs}' + (f' x --accumulate {recipe.accumulate}' if recipe.accumulate > 1 else '')
+        raise DatasetError(f'{n_train} training photos are fewer than one optimizer step of {per_step} ({flag}): '
+                           f'fastai drops an incomplete batch, so no epoch would train; pass a --bs of at most '
+                           f'{n_train}' + (' (and a smaller --accumulate)' if recipe.accumulate > 1 else '')
+                           + ', or add photos')
+
+
 def prepare_learner(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained: bool | str | Path = True,
                     split: str = 'grouped', num_workers: int = 0, limit_items: int | None = None):
     """Seeded data, split, model and fastai Learner for `recipe`; returns (learn, config) where `config` is what
@@ -176,23 +296,40 @@ def prepare_learner(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, p
     set_seed(recipe.seed, reproducible=False)
     scanned = scan_image_folder(data_dir)
     items = scanned.items if limit_items is None else _stratified_subset(scanned.items, limit_items, recipe.seed)
-    groups, left_out = None, 0
+    groups, left_out, dropped = None, 0, Counter()
     if split == 'grouped':
         audit = audit_items(items)
         kept = audit.kept()
         left_out = len(items) - len(kept)
         print(audit.report().splitlines()[0])
+        dropped = Counter(label for _, label in items) - Counter(items[i][1] for i in kept)
         items, groups = [items[i] for i in kept], audit.group[kept]
     elif split != 'stratified':
         raise ValueError(f'split must be "grouped" or "stratified", not {split!r}')
+    _check_class_sizes(items, dropped, data_dir, limit_items)
     pp = preprocessing_for(recipe)
-    dls = flower_dataloaders(items, pp, bs=recipe.bs, valid_pct=recipe.valid_pct, seed=recipe.seed,
-                             num_workers=num_workers, min_scale=recipe.min_scale, groups=groups,
-                             randaugment=recipe.randaugment, randaugment_magnitude=recipe.randaugment_magnitude,
-                             color_jitter=recipe.color_jitter, random_erasing=recipe.random_erasing)
-    model = create_model(recipe, pretrained=pretrained)
+
+    def dataloaders_at(size: int | None = None):   # progressive resizing rebuilds them at another size
+        return flower_dataloaders(items, preprocessing_for(recipe, size), bs=recipe.bs, valid_pct=recipe.valid_pct,
+                                  seed=recipe.seed, num_workers=num_workers, min_scale=recipe.min_scale,
+                                  groups=groups, randaugment=recipe.randaugment,
+                                  randaugment_magnitude=recipe.randaugment_magnitude,
+                                  color_jitter=recipe.color_jitter, random_erasing=recipe.random_erasing)
+    dls = dataloaders_at()
+    model = create_model(recipe, pretrained=pretrained)   # first: an unknown architecture or tag is said first
+    _check_split_sides(dls, recipe, split)   # before any training
+    teacher = None
+    if recipe.teacher:
+        teacher, teacher_pp = load_teacher(recipe.teacher)
+        if recipe.distill_features:
+            attach_distill_head(model, teacher)
     learn = make_learner(recipe, dls, model, Path(run_dir))
-    config = {'recipe': asdict(recipe), 'preprocessing': asdict(pp), 'classes': CLASSES,
+    learn.dataloaders_at, learn.dls_size = dataloaders_at, pp.size
+    if teacher is not None:
+        learn.add_cb(Distillation(teacher, (teacher_pp['mean'], teacher_pp['std']), (pp.mean, pp.std),
+                                  alpha=recipe.distill_alpha, temperature=recipe.distill_temperature,
+                                  feature_weight=recipe.distill_features, teacher_size=recipe.teacher_size or None))
+    config = {'recipe': asdict(recipe), 'preprocessing': asdict(delivery_preprocessing(recipe)), 'classes': CLASSES,
               'data': str(Path(data_dir).resolve()), 'split': split, 'left_out_filed_under_two_classes': left_out,
               'n_train': len(dls.train_ds), 'n_valid': len(dls.valid_ds),
               'pretrained': str(pretrained) if pretrained else False, 'torch': torch.__version__}
@@ -211,8 +348,9 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
     state_path = run_dir / 'state.json'
     if resume:
         if not state_path.exists():
-            raise FileNotFoundError(f'nothing to resume in {run_dir} (no state.json)')
-        split = json.loads((run_dir / 'config.json').read_text()).get('split', 'stratified')  # older runs: stratified
+            raise FileNotFoundError(f'nothing to resume in {run_dir} (no state.json): {RESUME_TODO}')
+        split = read_json(run_dir / 'config.json', RESUME_TODO).get('split', 'stratified')  # older runs: stratified
+        state = _read_state(state_path)   # before any work: a broken resume point is said at once
     elif (run_dir / 'models').exists():
         raise FileExistsError(f'{run_dir} already holds a run: pass --resume to continue it, or another --name')
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -220,28 +358,48 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
                                     split=split, num_workers=num_workers, limit_items=limit_items)
     main_process = rank_distrib() == 0   # under `accelerate launch`, only the main process writes files
     if not resume and main_process:
-        (run_dir / 'config.json').write_text(json.dumps(config, indent=2))
+        write_json(run_dir / 'config.json', config)
         # the validation photos, for export-time calibration and later re-scoring
-        learn.dls.valid_ds.items[['path', 'label']].to_csv(run_dir / VALID_ITEMS, index=False)
+        atomic_write(run_dir / VALID_ITEMS,
+                     lambda tmp: learn.dls.valid_ds.items[['path', 'label']].to_csv(tmp, index=False))
 
-    state = json.loads(state_path.read_text()) if resume else {'phase': 0, 'epoch': -1, 'best': None}
-    tracker = BestCheckpoint(best=state['best'])
+    if not resume:
+        state = {'phase': 0, 'epoch': -1, 'best': None}
+    tracker = BestCheckpoint(best=state['best'], recipe=recipe)
     recipe_cbs = []   # one instance for all phases: the EMA averages across them
     if recipe.ema_decay:
         recipe_cbs.append(WeightEMA(recipe.ema_decay, state_path=run_dir / 'models' / 'ema_last.pth',
                                     lora_alpha=recipe.lora_alpha))
     if recipe.mixup or recipe.cutmix:
         recipe_cbs.append(MixUpCutMix(p_mixup=recipe.mixup, p_cutmix=recipe.cutmix))
+    if resume:
+        for cb in recipe_cbs:
+            if isinstance(cb, WeightEMA):
+                cb.read_state()   # a broken ema_last.pth is said now, not at the next epoch
     started = time.time()
-    with _data_parallel(learn):
-        _fit_phases(learn, recipe, pretrained, state, state_path, tracker, recipe_cbs, resume)
+    try:
+        with _data_parallel(learn):
+            _fit_phases(learn, recipe, pretrained, state, state_path, tracker, recipe_cbs, resume)
+    except RunFolderError as err:   # raised in a callback: fastai prefixed "Exception occured in ...:\n\t"
+        raise RunFolderError(str(err).split('\n\t')[-1]) from None
     if not (run_dir / 'models' / f'{BEST}.pth').exists():
-        raise RuntimeError('no epoch was trained: nothing to report')
+        raise RunFolderError(f'no epoch was trained, so there is no {run_dir / "models" / f"{BEST}.pth"} to report on: '
+                             f'{RESUME_TODO}')
     _load_checkpoint(learn, BEST, recipe, with_opt=False)   # every process: fastai's load is a barrier
     if main_process:
         with _this_process_only():
             report_run(learn, run_dir, seconds=time.time() - started)
     return learn
+
+
+def _read_state(state_path: Path) -> dict:
+    """state.json (the resume point), checked: a broken one is a sentence naming it, not a KeyError later."""
+    state = read_json(state_path, RESUME_TODO)
+    ok = (isinstance(state.get('phase'), int) and state['phase'] >= 0 and isinstance(state.get('epoch'), int)
+          and state['epoch'] >= -1 and (state.get('best') is None or isinstance(state['best'], (int, float))))
+    if not ok:
+        raise RunFolderError(f'{state_path} is not a resume point (phase, epoch, best): {RESUME_TODO}')
+    return state
 
 
 @contextmanager
@@ -311,6 +469,11 @@ def _fit_phases(learn, recipe, pretrained, state, state_path, tracker, recipe_cb
         if phase.get('merge_lora') and has_lora(learn.model):
             merge_lora(learn.model)   # the EMA follows in WeightEMA.before_fit
             learn.opt = None          # a new optimizer over the merged weights
+        if phase.get('size') and start_epoch == 0:
+            tracker.best = None   # best.pth is delivered at this size: only epochs at this size compete for it
+        if phase.get('size') and learn.dls_size != phase['size']:
+            learn.dls, learn.dls_size = learn.dataloaders_at(phase['size']), phase['size']
+            print(f'Phase {phase["name"]}: photos at {phase["size"]} px')
         _set_trainable(learn, phase['trainable'])
         cbs = [tracker, ResumableCheckpoint(state_path, i, tracker), HistoryCSV(phase['name']), *recipe_cbs]
         if recipe.patience:
@@ -320,7 +483,7 @@ def _fit_phases(learn, recipe, pretrained, state, state_path, tracker, recipe_cb
         learn.fit_one_cycle(phase['epochs'], _phase_lrs(learn, recipe, phase), pct_start=recipe.warmup_pct,
                             start_epoch=start_epoch, cbs=cbs)
         if not rank_distrib():
-            state_path.write_text(json.dumps({'phase': i + 1, 'epoch': -1, 'best': float(tracker.best)}))
+            write_json(state_path, {'phase': i + 1, 'epoch': -1, 'best': _finite(tracker.best)})
 
 
 def find_lr(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained: bool | str | Path = True,
@@ -352,12 +515,13 @@ def report_run(learn: Learner, run_dir: Path, seconds: float | None = None) -> d
     interp.plot_confusion_matrix(figsize=(6, 6), title=f'{run_dir.name}: validation confusion matrix')
     plt.savefig(run_dir / 'confusion_matrix.png', dpi=100, bbox_inches='tight')
     plt.close('all')
-    per_class = {c: float(cm[i, i] / cm[i].sum()) for i, c in enumerate(CLASSES)}
-    metrics = {'valid_accuracy': float(np.trace(cm) / cm.sum()), 'n_valid': int(cm.sum()),
+    # a class with no validation photo has no accuracy: null, not NaN (prepare_learner refuses such a split)
+    per_class = {c: float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None for i, c in enumerate(CLASSES)}
+    metrics = {'valid_accuracy': float(np.trace(cm) / cm.sum()) if cm.sum() else None, 'n_valid': int(cm.sum()),
                'per_class_accuracy': per_class}
     if seconds is not None:
         metrics['train_seconds'] = round(seconds, 1)
-    (run_dir / 'metrics.json').write_text(json.dumps(metrics, indent=2))
+    write_json(run_dir / 'metrics.json', metrics)   # strict JSON: a NaN is refused, never written
     print(json.dumps(metrics, indent=2))
     return metrics
 

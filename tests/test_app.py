@@ -1,5 +1,6 @@
 """The web demo (flowers_fastai/app.py): its JSON endpoint through Starlette's TestClient, the page end to end in
-headless Chromium driven by Selenium, the CLI's errors, and the loopback-only opt-out of the network block."""
+headless Chromium driven by Selenium, the CLI's errors, the loopback-only opt-out of the network block, and hostile
+clients (a trickled upload or request head, a 50 MB header; decoder errors of any type) against the real server."""
 from __future__ import annotations
 
 import contextlib
@@ -227,12 +228,13 @@ def test_without_the_marker_even_loopback_is_blocked():
 # --- end to end: the real server, the real page, a real browser -------------------------------------------------
 
 @contextlib.contextmanager
-def served(app):
-    """`app` under uvicorn in a background thread, on a free port of 127.0.0.1; yields its URL."""
+def served(app, config=None):
+    """`app` under uvicorn in a background thread, on a free port of 127.0.0.1 (with `config`, a
+    uvicorn.Config around it, else uvicorn's defaults); yields its URL."""
     import uvicorn
     sock = socket.socket()
     sock.bind(('127.0.0.1', 0))   # the port is ours before the server starts: no race for a free one
-    server = uvicorn.Server(uvicorn.Config(app, log_level='warning'))
+    server = uvicorn.Server(config or uvicorn.Config(app, log_level='warning'))
     thread = threading.Thread(target=server.run, kwargs={'sockets': [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -304,3 +306,144 @@ def test_the_page_in_headless_chromium_shows_the_class_the_bars_and_the_errors(s
         assert upload(photo_of('sunflower')) == 'The file is too large: the limit is 30 KB.'
         assert upload(photo_of('daisy')) == 'daisy'   # the page recovers after errors
     assert list(private_tmp.iterdir()) == []
+
+
+# --- hostile clients and uploads (issue 12) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize('error', [KeyError('bad EXIF tag'), TypeError('unsupported operand'),
+                                   RuntimeError('decoder crashed'), MemoryError()], ids=lambda e: type(e).__name__)
+def test_any_decoder_error_of_an_upload_is_a_400_never_a_500(error, client, private_tmp, monkeypatch):
+    """Crafted files make PIL's plugins raise errors outside the bad-input contract: still the upload's fault."""
+    from PIL import Image
+
+    def crafted(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(Image, 'open', crafted)
+    response = post_file(client, 'crafted.jpg', photo_of('rose').read_bytes())
+    assert response.status_code == 400, response.text
+    message = response.json()['error']
+    assert 'crafted.jpg' in message and str(private_tmp) not in message
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_the_server_limits_are_options_with_defaults():
+    pytest.importorskip('uvicorn', reason='the web demo extra is not installed: pip install -e .[demo]')
+    from flowers_fastai import app
+    for option in ('--upload-timeout', '--header-timeout', '--keep-alive', '--max-header-kb'):
+        with pytest.raises(SystemExit) as stop:
+            app.main([option, '0'])
+        assert stop.value.code == 2, option
+    config = app.server_config(None)
+    assert config.h11_max_incomplete_event_size == app.DEFAULT_MAX_HEADER_KB * 1024
+    assert config.timeout_keep_alive == app.DEFAULT_KEEP_ALIVE
+
+
+def demo_server(app, **limits):
+    """`served`, with the server limits `python -m flowers_fastai.app` runs with (`app.server_config`)."""
+    pytest.importorskip('uvicorn', reason='the web demo extra is not installed: pip install -e .[demo]')
+    from flowers_fastai import app as demo
+    return served(app, demo.server_config(app, log_level='warning', **limits))
+
+
+def port_of(url: str) -> int:
+    return int(url.rstrip('/').rsplit(':', 1)[1])
+
+
+def read_until_closed(sock: socket.socket, seconds: float = 3.0) -> bytes:
+    """What the server sends until it closes the connection (a reset counts as closed), or within `seconds`."""
+    sock.settimeout(seconds)
+    data = b''
+    with contextlib.suppress(ConnectionResetError, TimeoutError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def trickle_until_answered(sock: socket.socket, byte: bytes, give_up_after: float, watch=None) -> float | None:
+    """Send `byte` every 0.1 s until the server answers or closes; the seconds that took, None if it still held
+    the connection after `give_up_after`. `watch()` is called at each step."""
+    import select
+    start = time.monotonic()
+    while time.monotonic() - start < give_up_after:
+        if watch:
+            watch()
+        if select.select([sock], [], [], 0.1)[0]:
+            return time.monotonic() - start
+        try:
+            sock.sendall(byte)
+        except (BrokenPipeError, ConnectionResetError):
+            return time.monotonic() - start
+    return None
+
+
+UPLOAD_HEAD = ('POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n'
+               'Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name="file"; '
+               'filename="slow.jpg"\r\nContent-Type: image/jpeg\r\n\r\n').encode()
+
+
+@pytest.mark.loopback
+def test_a_trickled_upload_is_stopped_at_the_upload_timeout_and_its_temp_folder_removed(private_tmp):
+    from flowers_fastai.app import create_app
+    timeout = 1.5
+    folders_seen = set()
+    with demo_server(create_app(None, upload_timeout=timeout), header_timeout=30) as url, \
+            socket.create_connection(('127.0.0.1', port_of(url)), timeout=10) as sock:
+        sock.sendall(UPLOAD_HEAD)
+        took = trickle_until_answered(sock, b'\0', give_up_after=timeout + 6,
+                                      watch=lambda: folders_seen.update(p.name for p in private_tmp.iterdir()))
+        answer = read_until_closed(sock)
+    assert folders_seen, 'the upload never reached its temp folder: the test did not test it'
+    assert took is not None, f'the server still held a trickled upload after {timeout + 6} s'
+    assert took < timeout + 2
+    assert answer.startswith(b'HTTP/1.1 408') and b'took longer than 1.5 s' in answer
+    assert list(private_tmp.iterdir()) == []      # the folder went with the answer
+
+
+@pytest.mark.loopback
+@pytest.mark.parametrize('behaviour', ['trickled head', 'silent'])
+def test_a_request_head_that_does_not_arrive_in_time_loses_its_connection(behaviour):
+    from flowers_fastai.app import create_app
+    timeout = 1.0
+    with demo_server(create_app(None), header_timeout=timeout) as url, \
+            socket.create_connection(('127.0.0.1', port_of(url)), timeout=10) as sock:
+        if behaviour == 'trickled head':
+            sock.sendall(b'POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ')
+            took = trickle_until_answered(sock, b'z', give_up_after=timeout + 6)
+        else:
+            took = trickle_until_answered(sock, b'', give_up_after=timeout + 6)
+        answer = read_until_closed(sock)
+    assert took is not None, f'the server still held the connection after {timeout + 6} s'
+    assert took < timeout + 2 and answer == b''
+
+
+@pytest.mark.loopback
+def test_a_50_mb_header_is_refused_quickly_without_being_buffered():
+    import tracemalloc
+
+    from flowers_fastai.app import create_app
+    limit, chunk = 50 * 2 ** 20, b'a' * 65536
+    with demo_server(create_app(None)) as url, \
+            socket.create_connection(('127.0.0.1', port_of(url)), timeout=10) as sock:
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            sock.sendall(b'GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ')
+            start, sent, refused = time.monotonic(), 0, False
+            try:
+                while sent < limit:
+                    sock.sendall(chunk)
+                    sent += len(chunk)
+                sock.sendall(b'\r\n\r\n')
+            except (BrokenPipeError, ConnectionResetError):
+                refused = True
+            except TimeoutError:   # the server is still reading it, slowly: not refused
+                pass
+            took = time.monotonic() - start
+            grown = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+        answer = read_until_closed(sock)
+    assert refused and sent < limit, f'the server took a {sent / 2 ** 20:.0f} MB header'
+    assert took < 5
+    assert answer == b'' or answer.startswith((b'HTTP/1.1 400', b'HTTP/1.1 431'))
+    assert grown < 8 * 2 ** 20, f'the server buffered {grown / 2 ** 20:.0f} MB of it'

@@ -1,0 +1,134 @@
+"""Knowledge distillation as a fastai callback (Hinton et al. 2015; Beyer et al. 2022, "Knowledge distillation: A good
+teacher is patient and consistent"): a frozen teacher sees exactly the student's augmented and mixed batch, and
+the loss becomes
+
+    alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * recipe loss
+    + feature_weight * (1 - cos(projection(student features), teacher features))
+
+The feature term (FitNets-style) regresses the teacher's pooled features (the input of its classifier) from the
+student's through a linear projection, `model.distill_head`, that trains with the student's head and is dropped
+at export. fastai ships no distillation callback; timm's distillation lives in its training script, not in a
+reusable piece, hence this one.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from fastai.callback.mixup import MixHandler
+from fastai.vision.all import Callback
+from torch import nn
+
+from .teachers import classifier_of, feature_dim
+
+DISTILL_HEAD = 'distill_head'   # the projection's name in the student: its keys never reach an exported file
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * KL(teacher/T || student/T), averaged over the batch (the T^2 keeps its gradients at the scale of the
+    cross-entropy's as T changes, Hinton et al.)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
+                    log_target=True, reduction='batchmean') * t * t
+
+
+def feature_loss(projected: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity, averaged: matches the direction of the teacher's features, not their scale."""
+    return (1 - F.cosine_similarity(projected.float(), teacher_features.float(), dim=-1)).mean()
+
+
+def attach_distill_head(student: nn.Module, teacher: nn.Module) -> nn.Linear:
+    """Give `student` the projection of its pooled features onto the teacher's (trained with the head)."""
+    head = nn.Linear(feature_dim(student), feature_dim(teacher))
+    setattr(student, DISTILL_HEAD, head)
+    return head
+
+
+def without_distill_head(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not k.startswith(DISTILL_HEAD + '.')}
+
+
+def with_distill_head(splitter):
+    """`splitter` whose last group (the head's: it trains in every phase) also holds the projection."""
+    def split(model):
+        groups = splitter(model)
+        if hasattr(model, DISTILL_HEAD):
+            groups = [*groups[:-1], [*groups[-1], *getattr(model, DISTILL_HEAD).parameters()]]
+        return groups
+    return split
+
+
+class _PooledFeatures:
+    """Keeps the input of a model's classifier (its pooled features) from the last forward pass."""
+
+    def __init__(self, model: nn.Module):
+        self.value = None
+        self.handle = classifier_of(model).register_forward_pre_hook(self._keep)
+
+    def _keep(self, module, inputs):
+        self.value = inputs[0]
+
+    def remove(self):
+        self.handle.remove()
+
+
+class Distillation(Callback):
+    """Distil `teacher` into the learner's model during training (validation is left untouched).
+
+    `teacher_stats` / `student_stats`: the (mean, std) each network's input is normalised with; the teacher's
+    input is the student's batch, un-normalised and normalised again, resized to `teacher_size` when given (a
+    lower resolution makes the teacher's forward cheaper; a higher one may suit it better)."""
+    order = MixHandler.order + 1   # before_batch after MixUp / CutMix: the teacher sees the mixed batch
+    run_valid = False
+
+    def __init__(self, teacher: nn.Module, teacher_stats, student_stats, alpha: float = 0.5,
+                 temperature: float = 1.0, feature_weight: float = 0.0, teacher_size: int | None = None):
+        if not 0 <= alpha <= 1:
+            raise ValueError(f'distill alpha must be in [0, 1], not {alpha}')
+        if temperature <= 0:
+            raise ValueError(f'distill temperature must be positive, not {temperature}')
+        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+        self.feature_weight, self.teacher_size = feature_weight, teacher_size
+        self.teacher_stats = [torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in teacher_stats]
+        self.student_stats = [torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in student_stats]
+        self.teacher_logits = self.teacher_input = None
+
+    def before_fit(self):
+        device = self.dls.device
+        self.teacher.to(device).eval().requires_grad_(False)
+        self.teacher_stats = [s.to(device) for s in self.teacher_stats]
+        self.student_stats = [s.to(device) for s in self.student_stats]
+        self.hooks = None
+        if self.feature_weight:
+            if not hasattr(self.learn.model, DISTILL_HEAD):
+                raise ValueError('feature distillation needs the student built with attach_distill_head')
+            self.hooks = (_PooledFeatures(self.learn.model), _PooledFeatures(self.teacher))
+
+    def _teacher_view(self, x: torch.Tensor) -> torch.Tensor:
+        (s_mean, s_std), (t_mean, t_std) = self.student_stats, self.teacher_stats
+        x = (x.float() * s_std + s_mean - t_mean) / t_std
+        if self.teacher_size and self.teacher_size != x.shape[-1]:
+            x = F.interpolate(x, size=(self.teacher_size, self.teacher_size), mode='bilinear', antialias=True,
+                              align_corners=False)
+        return x
+
+    def before_batch(self):
+        self.teacher_input = self._teacher_view(self.xb[0])
+        with torch.no_grad():
+            self.teacher_logits = self.teacher(self.teacher_input)
+
+    def after_loss(self):
+        loss = self.alpha * kd_loss(self.pred, self.teacher_logits, self.temperature)
+        if self.alpha < 1:
+            loss = loss + (1 - self.alpha) * self.learn.loss_grad
+        if self.hooks:
+            student_features, teacher_features = (h.value for h in self.hooks)
+            projected = getattr(self.learn.model, DISTILL_HEAD)(student_features)
+            loss = loss + self.feature_weight * feature_loss(projected, teacher_features)
+        self.learn.loss_grad = loss
+        self.learn.loss = loss.detach().clone()
+
+    def after_fit(self):
+        if self.hooks:
+            for hook in self.hooks:
+                hook.remove()
+            self.hooks = None

