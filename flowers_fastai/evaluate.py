@@ -44,8 +44,7 @@ from .data_files import IMAGE_EXTENSIONS, class_folders, folder_files
 from .inference import Ensemble, members
 from .inference_nets import ClipViTClassifier, quantize_int8
 from .labels import CLASSES, normalize_class_name
-from .predict import (EXIT_OUTPUT_ERROR, CsvOutput, OutputError, check_writable_place, classify_files,
-                      paths_as_bytes, stdout_gone)
+from .predict import CsvOutput, OutputError, check_writable_place, classify_files, run_cli
 from .preprocess import TruncatedImageWarning
 from .submit import find_weights, load_model as submit_load_model
 
@@ -373,14 +372,7 @@ def check_out_folder(out: Path, data: Path) -> None:
 
 
 def main(argv=None) -> int:
-    with paths_as_bytes():
-        try:
-            return _main(argv)
-        except OutputError as err:
-            print(f'error: {err}', file=sys.stderr)
-            return EXIT_OUTPUT_ERROR
-        except BrokenPipeError:
-            return stdout_gone()
+    return run_cli(_main, argv)
 
 
 def _main(argv) -> int:

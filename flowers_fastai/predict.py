@@ -238,15 +238,21 @@ def weights_files(kind: str, weights: str | None, vit_weights: str | None) -> li
     return found
 
 
-def main(argv=None) -> int:
+def run_cli(cli_main, argv) -> int:
+    """A command line's `cli_main(argv)` under the output rules shared by `predict` and `evaluate`: paths written
+    as the file system's bytes, an unwritable output one `error:` line, a closed stdout a quiet exit."""
     with paths_as_bytes():
         try:
-            return _main(argv)
+            return cli_main(argv)
         except OutputError as err:
             print(f'error: {err}', file=sys.stderr)
             return EXIT_OUTPUT_ERROR
         except BrokenPipeError:
             return stdout_gone()
+
+
+def main(argv=None) -> int:
+    return run_cli(_main, argv)
 
 
 def _main(argv) -> int:

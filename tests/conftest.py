@@ -102,6 +102,20 @@ def tiny_vit_file(tmp_path_factory, tiny_clip_name) -> Path:
     return path
 
 
+def interrupt_after_first_epoch(monkeypatch):
+    """Make training stop with a KeyboardInterrupt right after its first epoch's resume point is written, as
+    an interrupted run would; returns the function that puts training back."""
+    from flowers_fastai.training import ResumableCheckpoint
+    original = ResumableCheckpoint.after_epoch
+
+    def crash_after_first_epoch(self):
+        original(self)
+        if self.epoch == 0:
+            raise KeyboardInterrupt('simulated interruption')
+    monkeypatch.setattr(ResumableCheckpoint, 'after_epoch', crash_after_first_epoch)
+    return lambda: monkeypatch.setattr(ResumableCheckpoint, 'after_epoch', original)
+
+
 COLOURS = {'daisy': (240, 240, 240), 'dandelion': (250, 210, 0), 'rose': (200, 0, 30),
            'sunflower': (255, 140, 0), 'tulip': (150, 0, 200)}
 

@@ -21,9 +21,9 @@ from flowers_fastai.preprocess import load_for_model
 from flowers_fastai.recipes import TEACHER
 from flowers_fastai.submit import load_cnn_model
 from flowers_fastai.teachers import load_teacher, lukemelas_to_timm, timm_pretrained_file, wheel_file
-from flowers_fastai.training import ResumableCheckpoint, train
+from flowers_fastai.training import train
 
-from .conftest import EXAMPLES
+from .conftest import EXAMPLES, interrupt_after_first_epoch
 from .test_training import PLAIN, TINY_CNN
 
 # EfficientNet-Lite0 as the lukemelas EfficientNet-PyTorch package lays it out: per stage (repeats, kernel, stride
@@ -243,17 +243,11 @@ def test_distilled_student_exports_the_plain_layout_and_the_learners_logits(colo
 
 def test_resume_keeps_the_teacher(colour_folder, teacher_run, tmp_path, monkeypatch):
     run = tmp_path / 'student'
-    original = ResumableCheckpoint.after_epoch
-
-    def crash_after_first_epoch(self):
-        original(self)
-        if self.epoch == 0:
-            raise KeyboardInterrupt('simulated interruption')
-    monkeypatch.setattr(ResumableCheckpoint, 'after_epoch', crash_after_first_epoch)
+    resume_training = interrupt_after_first_epoch(monkeypatch)
     recipe = _distilled(TINY_CNN.override(epochs=3), teacher_run, distill_features=1.0)
     with pytest.raises(KeyboardInterrupt):
         train(recipe, colour_folder, run, pretrained=False, split='stratified')
-    monkeypatch.setattr(ResumableCheckpoint, 'after_epoch', original)
+    resume_training()
     learn = train(recipe, colour_folder, run, pretrained=False, resume=True)
     assert list(pd.read_csv(run / 'history.csv').epoch) == [0, 1, 2]
     assert any(isinstance(cb, Distillation) for cb in learn.cbs)

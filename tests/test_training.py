@@ -19,9 +19,9 @@ from flowers_fastai.labels import CLASSES
 from flowers_fastai.preprocess import load_for_model
 from flowers_fastai.recipes import CNN, VIT
 from flowers_fastai.submit import load_cnn_model, load_vit_model, predict
-from flowers_fastai.training import ResumableCheckpoint, train
+from flowers_fastai.training import train
 
-from .conftest import REPO, real_photos
+from .conftest import REPO, interrupt_after_first_epoch, real_photos
 
 # Tests of the training machinery run without the seed's regularisation (tested on its own), at the given LR.
 PLAIN = dict(randaugment=0, color_jitter=0.0, random_erasing=0.0, mixup=0.0, cutmix=0.0, ema_decay=0.0, patience=0,
@@ -51,17 +51,11 @@ def test_cnn_run_learns_and_writes_its_reports(colour_folder, tmp_path):
 
 def test_resume_continues_after_the_last_finished_epoch(colour_folder, tmp_path, monkeypatch):
     run = tmp_path / 'run'
-    original = ResumableCheckpoint.after_epoch
-
-    def crash_after_first_epoch(self):
-        original(self)
-        if self.epoch == 0:
-            raise KeyboardInterrupt('simulated interruption')
-    monkeypatch.setattr(ResumableCheckpoint, 'after_epoch', crash_after_first_epoch)
+    resume_training = interrupt_after_first_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(TINY_CNN.override(epochs=3), colour_folder, run, pretrained=False, split='stratified')
     assert json.loads((run / 'state.json').read_text())['epoch'] == 0
-    monkeypatch.setattr(ResumableCheckpoint, 'after_epoch', original)
+    resume_training()
 
     learn = train(TINY_CNN.override(epochs=3), colour_folder, run, pretrained=False, resume=True)
     history = pd.read_csv(run / 'history.csv')
