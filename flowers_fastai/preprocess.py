@@ -201,7 +201,7 @@ def decode_image(image_path: str | os.PathLike,
             raise FileNotFoundError(f'No such image: {path}') from None
         raise ValueError(f'{path} could not be decoded as an image: a file it refers to is missing') from None
     except MemoryError:
-        # Within the size limits one image needs a bounded amount of memory (README: ~8 bytes per pixel);
+        # Within the size limits one image needs a bounded amount of memory (docs/api.md: ~8 bytes per pixel);
         # running out here says this file is too large for the memory left, not that the process is lost:
         # what the decoder took is freed as the call fails, and the next photo goes on.
         raise ValueError(f'{path} could not be decoded: not enough memory for an image of its size') from None

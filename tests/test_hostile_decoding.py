@@ -1,7 +1,7 @@
 """Hostile images against the decoding that `predict`, the batch CLI, evaluation, training's data scan and the
 demo share (`preprocess.open_image`; issue 12):
 
-- extreme shapes (a 277-byte 1 x 100000 PNG) and large images stay within the README's memory bound: a class or
+- extreme shapes (a 277-byte 1 x 100000 PNG) and large images stay within the memory bound of docs/api.md: a class or
   the documented ValueError, measured in fresh processes under an address-space cap;
 - a decoder error of any type (an unknown DDS pixel format, a flat PSD, a path too long to open...) is the
   documented ValueError naming the path in `predict`, one error row in `predict_files`, one unreadable file in
@@ -243,7 +243,7 @@ def _large(tmp_path: Path, kind: str, side: int = 3000) -> Path:
 
 @pytest.mark.parametrize('kind', ['rgba', 'gray16', 'palette_transparency', 'rgb'])
 def test_a_large_image_takes_at_most_the_documented_bytes_per_pixel(kind, tiny_cnn_file, tmp_path):
-    """README: decoding and preprocessing a PNG takes at most ~9 bytes per pixel (the decoded image and its RGB
+    """docs/api.md: decoding and preprocessing a PNG takes at most ~9 bytes per pixel (the decoded image and its RGB
     copy; conversions run in stripes). Measured on a 9-Mpx PNG in a fresh process, plain and TTA (at HEAD the
     RGBA one took ~23 bytes per pixel, the 16-bit one ~27), and in a batch of four (HEAD held all four
     decodes)."""
