@@ -142,3 +142,41 @@ def test_int8_is_refused_for_the_cnn():
     from flowers_fastai.inference_nets import quantize_int8
     with pytest.raises(TypeError, match='CLIP ViT only'):
         quantize_int8(ConvNeXtV2(*CONVNEXTV2_SIZES['atto']))
+
+
+def test_a_missing_or_broken_onednn_op_falls_back_to_the_plain_path(tiny_cnn_file, tiny_vit_file, monkeypatch):
+    """The fast path uses private oneDNN ops; where a torch or a CPU lacks one, or it computes something else,
+    the probe at load turns the fast path off and the models give the same outputs through the plain path."""
+    import warnings
+    from flowers_fastai import inference_nets
+    from flowers_fastai.preprocess import load_for_model
+    from flowers_fastai.submit import load_cnn_model, load_vit_model
+    from .conftest import EXAMPLES
+    photo = next(iter(sorted(EXAMPLES.glob('*.jpg'))))
+    expected = {}
+    for name, load, path in (('cnn', load_cnn_model, tiny_cnn_file), ('vit', load_vit_model, tiny_vit_file)):
+        model = load(path)
+        with torch.no_grad():
+            expected[name] = model(load_for_model(photo, model.flowers_preprocessing))
+
+    def missing(*args, **kwargs):
+        raise RuntimeError('No such operator mkldnn::_linear_pointwise')
+
+    def wrong(x, w, b, *args):   # an op that runs but computes something else is refused too
+        return torch.zeros(x.shape[0], w.shape[0])
+    for broken in (missing, wrong):
+        monkeypatch.setattr(inference_nets, '_ONEDNN_USABLE', None)
+        monkeypatch.setattr(torch.ops.mkldnn, '_linear_pointwise', broken)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            models = {'cnn': load_cnn_model(tiny_cnn_file), 'vit': load_vit_model(tiny_vit_file)}
+        assert inference_nets.onednn_usable() is False
+        for name, model in models.items():
+            packed = [getattr(m, 'packed', None) for m in model.modules()]
+            caches = [c for p in packed for c in (p if isinstance(p, tuple) else (p,))]   # attention packs two
+            assert not any(isinstance(c, (inference_nets.PackedWeight, inference_nets.PackedConv)) for c in caches)
+            with torch.no_grad():
+                got = model(load_for_model(photo, model.flowers_preprocessing))
+            torch.testing.assert_close(got, expected[name], atol=1e-5, rtol=0)
+        monkeypatch.undo()
+    assert inference_nets.onednn_usable()   # the real ops are back, and so is the fast path
