@@ -122,6 +122,18 @@ def load_checkpoint(path: str | Path, todo: str, map_location='cpu') -> dict:
     return obj
 
 
+def load_weights(path: str | Path, todo: str) -> dict[str, torch.Tensor]:
+    """The network weights of a checkpoint this project wrote, or of an exported file (`load_checkpoint`): the
+    state_dict nested under 'model' by `save(with_opt=True)` unwrapped, every key a str and every value a tensor
+    (else `RunFolderError`), and distillation's feature projection, which is training-only, left out."""
+    state = load_checkpoint(path, todo)
+    state = state.get('model', state)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise RunFolderError(f'{path} holds no state_dict of tensors: {todo}')
+    return without_distill_head(state)
+
+
 def resolve_run(run_dir: Path, todo: str = EXPORT_TODO) -> Path:
     """A run folder as is; a seeds experiment (summary.json, see experiments.py) as its global best seed."""
     run_dir = Path(run_dir)
@@ -232,11 +244,7 @@ def export_run(run_dir: str | Path, out: str | Path, half: bool = False, calibra
     run_dir, out = resolve_run(run_dir), Path(out)
     config = run_config(run_dir)
     best = run_dir / 'models' / 'best.pth'
-    state = load_checkpoint(best, EXPORT_TODO)   # weights_only: a crafted pickle is refused, nothing runs
-    state = state.get('model', state)  # fastai's `save(with_opt=True)` nests the weights under 'model'
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RunFolderError(f'{best} holds no state_dict of tensors: {EXPORT_TODO}')
-    state = without_distill_head(state)   # distillation's feature projection is training-only
+    state = load_weights(best, EXPORT_TODO)   # weights_only: a crafted pickle is refused, nothing runs
 
     try:   # a config.json that parses but lacks a field: one sentence, not a KeyError
         recipe, pp = config['recipe'], config['preprocessing']

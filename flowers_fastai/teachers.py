@@ -9,8 +9,8 @@ strict. A teacher is trained by `train.py teacher --arch tf_efficientnet_lite0` 
 """
 from __future__ import annotations
 
+import functools
 import importlib
-import json
 from pathlib import Path
 
 import torch
@@ -144,8 +144,10 @@ def timm_pretrained_file(arch: str, tag: str = '') -> Path:
     return _hub_download(cfg.hf_hub_id, [cfg.hf_hub_filename or 'model.safetensors'], name)
 
 
+@functools.lru_cache(maxsize=None)   # it builds the network: once per architecture, not per DataLoaders
 def timm_data_config(arch: str) -> dict:
-    """timm's preprocessing of `arch`'s pretrained weights (mean, std, crop_pct, interpolation, size)."""
+    """timm's preprocessing of `arch`'s pretrained weights (mean, std, crop_pct, interpolation, size); read it,
+    do not change it (the dict is shared)."""
     import timm
     return timm.data.resolve_model_data_config(build_timm_classifier(arch))
 
@@ -156,30 +158,16 @@ def load_teacher(source: str | Path) -> tuple[nn.Module, dict]:
     (its models/best.pth and config.json, any family) or an exported `cnn_flowers.pth` / `vit_flowers.pth`.
     Files are read with `weights_only=True`; every key is checked."""
     source = Path(source)
-    if source.is_dir():
-        return _teacher_from_run(source)
-    if source.is_file():
-        return _teacher_from_export(source)
-    raise FileNotFoundError(f'teacher {source} not found: give a run folder (runs/NAME) or an exported .pth')
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors only (`weights_only=True`, through the run checkpoints' one reader): a crafted pickle is refused
-    with a `ValueError` and none of its code runs. A student's distillation projection is left out."""
-    from .distill import without_distill_head
-    from .exporting import load_checkpoint
-    state = load_checkpoint(path, 'give a run folder whose models/best.pth is whole, or an exported .pth')
-    state = state.get('model', state)   # training checkpoints nest the weights under 'model'
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise ValueError(f'{path} is not a state_dict of tensors')
-    return without_distill_head(state)
+    state, path = read_trained_weights(source)
+    return _teacher_from_run(source, state, path) if source.is_dir() else _teacher_from_export(path, state)
 
 
 def read_trained_weights(source: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    """The weights of a run folder (models/best.pth, of its best seed) or of an exported file, and their path."""
+    """The weights of a run folder (models/best.pth, of its best seed) or of an exported file, and their path:
+    tensors only (`exporting.load_weights`: a crafted pickle is refused, none of its code runs), a student's
+    distillation projection left out."""
+    from .exporting import load_weights, resolve_run
     if source.is_dir():
-        from .exporting import resolve_run
         path = resolve_run(source) / 'models' / 'best.pth'
         if not path.is_file():
             raise FileNotFoundError(f'{path} does not exist: the run has not finished an epoch yet')
@@ -187,18 +175,13 @@ def read_trained_weights(source: Path) -> tuple[dict[str, torch.Tensor], Path]:
         path = source
     else:
         raise FileNotFoundError(f'{source} not found: give a run folder (runs/NAME) or an exported .pth')
-    return _read_weights(path), path
+    return load_weights(path, 'give a run folder whose models/best.pth is whole, or an exported .pth'), path
 
 
-def _teacher_from_run(run_dir: Path) -> tuple[nn.Module, dict]:
-    from .exporting import resolve_run, run_config
-    run_dir = resolve_run(run_dir)
+def _teacher_from_run(run_dir: Path, state: dict[str, torch.Tensor], best: Path) -> tuple[nn.Module, dict]:
+    from .exporting import run_config
     config = run_config(run_dir)
     recipe, pp = config['recipe'], config['preprocessing']
-    best = run_dir / 'models' / 'best.pth'
-    if not best.is_file():
-        raise FileNotFoundError(f'{best} does not exist: the teacher run has not finished an epoch yet')
-    state = _read_weights(best)
     if recipe['family'] == 'vit':
         from .architectures import ClipClassifier, ClipTowerSpec
         from .lora import apply_lora, has_lora, merge_lora
@@ -213,19 +196,18 @@ def _teacher_from_run(run_dir: Path) -> tuple[nn.Module, dict]:
     return model.eval(), {'mean': list(pp['mean']), 'std': list(pp['std']), 'size': pp['size']}
 
 
-def _teacher_from_export(path: Path) -> tuple[nn.Module, dict]:
+def _teacher_from_export(path: Path, state: dict[str, torch.Tensor]) -> tuple[nn.Module, dict]:
     from .architectures import ClipClassifier, build_cnn, family_of, infer_clip_spec, infer_cnn_arch
     from .preprocess import cnn_preprocessing, vit_preprocessing
-    state = _read_weights(path)
-    sidecar_path = path.with_suffix('.json')
-    sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else {}
+    from .submit import _read_sidecar   # the delivery loader's own reader: every field it reads is checked
+    sidecar = _read_sidecar(path)
     family = family_of(state)
     if family == 'cnn':
         model = build_cnn(infer_cnn_arch(state))
-        pp = cnn_preprocessing(int(sidecar.get('image_size', 224)))
+        pp = cnn_preprocessing(sidecar.get('image_size', 224))
     elif family == 'vit':
-        model = ClipClassifier(infer_clip_spec(state, quick_gelu=bool(sidecar.get('quick_gelu', True)),
-                                               head_width=int(sidecar.get('head_width', 64))))
+        model = ClipClassifier(infer_clip_spec(state, quick_gelu=sidecar.get('quick_gelu', True),
+                                               head_width=sidecar.get('head_width', 64)))
         pp = vit_preprocessing(model.spec.image_size)
     else:
         raise ValueError(f'{path} is neither an exported CNN nor ViT file; a teacher of another architecture is '

@@ -322,3 +322,16 @@ def test_the_real_world_recipe_a_vit_teacher_for_a_cnn_student_and_a_vit_student
     train(vit_student, colour_folder, tmp_path / 'vit-student', pretrained=False, split='stratified')
     out = export_run(tmp_path / 'vit-student', tmp_path / 'vit_flowers.pth', calibrated=False)
     assert {k.split('.')[0] for k in torch.load(out, map_location='cpu', weights_only=True)} == {'visual', 'head'}
+
+
+def test_an_exported_file_is_a_teacher_with_its_sidecars_size(tiny_cnn_file, tmp_path):
+    teacher, pp = load_teacher(tiny_cnn_file)
+    assert pp['size'] == 32 and not teacher.training                       # the sidecar's image_size
+    saved = torch.load(tiny_cnn_file, map_location='cpu', weights_only=True)
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    bad = tmp_path / 'cnn_flowers.pth'
+    bad.write_bytes(tiny_cnn_file.read_bytes())
+    bad.with_suffix('.json').write_text('{"image_size": "big"}')
+    with pytest.raises(ValueError, match='image_size'):                    # checked as the delivery loader does
+        load_teacher(bad)
