@@ -155,8 +155,12 @@ def test_kd_loss_is_zero_when_student_and_teacher_agree_and_positive_otherwise()
     for t in (1.0, 4.0):
         assert float(kd_loss(logits, logits.clone(), t)) == pytest.approx(0.0, abs=1e-6)
         assert float(kd_loss(logits, logits.flip(0), t)) > 1e-3
-    # T^2 keeps the gradient's scale: at a high T the loss tends to T^2 * ||s - t||^2 / (2 * C) per photo... > 0
-    assert float(kd_loss(logits, logits + torch.randn(8, 5), 4.0)) > 0
+    # the T^2 factor keeps the loss's scale as T grows (Hinton et al.): at a high T it tends to the squared distance
+    # of the mean-centred logits / (2 C), averaged over the batch
+    other = torch.randn(8, 5)
+    centred = (logits - logits.mean(1, keepdim=True)) - (other - other.mean(1, keepdim=True))
+    limit = float((centred ** 2).sum(1).mean() / (2 * 5))
+    assert float(kd_loss(logits, other, 100.0)) == pytest.approx(limit, rel=1e-2)
 
 
 TINY_TEACHER = TEACHER.override(arch='test_efficientnet', size=32, bs=8, epochs=1, freeze_epochs=1, valid_pct=0.25,
