@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from flowers_fastai.architectures import CONVNEXTV2_SIZES, ClipTowerSpec  # noqa: E402
-from flowers_fastai.inference import image_tensor, predict_files  # noqa: E402
+from flowers_fastai.inference import Served, image_tensor, predict_files  # noqa: E402
 from flowers_fastai.inference_nets import ClipViTClassifier, ConvNeXtV2, linear  # noqa: E402
 from flowers_fastai.preprocess import open_image  # noqa: E402
 
@@ -145,9 +145,18 @@ def library_model(family: str, weights: Path) -> torch.nn.Module:
         spec = infer_clip_spec(state)
         model, pp = ClipClassifier(spec), vit_preprocessing(spec.image_size)
     model.load_state_dict(state)
-    model.eval().requires_grad_(False)
-    model.flowers_preprocessing, model.flowers_temperature = pp, 1.0
-    return model
+    return _LibraryNet(model).serve(family, pp)
+
+
+class _LibraryNet(Served):
+    """A training library's network, served like a delivery network (same preprocessing and inference path)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
 def latency(model, flops: float, rounds: int, per_round: int) -> dict:
@@ -205,9 +214,14 @@ def main(argv=None) -> int:
     parser.add_argument('--no-baseline', action='store_true',
                         help='skip the baseline: the same weights in timm / open_clip\'s own network, eager')
     parser.add_argument('--no-int8', action='store_true', help='skip the int8 ViT measurement')
+    parser.add_argument('--default-malloc', action='store_true',
+                        help="glibc's malloc defaults (default: inference_nets.keep_freed_memory(), see docs/speed.md)")
     parser.add_argument('--runs', type=int, default=0, help='timed predictions per round, 5 rounds (default: 15 CNN, 3 ViT)')
     args = parser.parse_args(argv)
     from flowers_fastai.submit import load_cnn_model, load_vit_model, quantize_int8
+    from flowers_fastai.inference_nets import keep_freed_memory
+    if not args.default_malloc:   # the page-fault column of docs/benchmarks.md was measured with the opt-in
+        keep_freed_memory()
     print(f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}')
     print(f'fp32 matmul peak (2048-4096 squares, MKL and oneDNN): {matmul_peak() / 1e9:.0f} GFLOP/s')
     rows, int8_rows = [], []

@@ -1,7 +1,8 @@
-"""The two model families, built without any download, and recognised from a state_dict's tensors.
+"""The networks of the two delivered families, built without any download, their shapes read off a state_dict's
+tensors, and the strict loader every weight goes through (`load_exactly`).
 
-Training (`models.py`, through fastai) and delivery (`submit.py`) both build their networks here, so the
-weights a run exports always fit the network `submit` builds.
+The families (`families/`) build their training networks here and read exported files with the same shape
+readers, so the weights a run exports always fit the network `submit` builds.
 
 Key layouts (the contract of the exported `.pth` files):
 - CNN: exactly the keys of `timm.create_model('convnextv2_<size>', num_classes=5).state_dict()`.
@@ -152,15 +153,6 @@ def infer_clip_spec(state_dict: dict[str, torch.Tensor], quick_gelu: bool = True
 
 
 # ---------------------------------------------------------------------------------------------- both
-def family_of(state_dict: dict[str, torch.Tensor]) -> str | None:
-    """'cnn', 'vit' or None, from the key names alone."""
-    if any(k.startswith('visual.') for k in state_dict):
-        return 'vit'
-    if 'stem.0.weight' in state_dict and any(k.startswith('stages.') for k in state_dict):
-        return 'cnn'
-    return None
-
-
 def load_exactly(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str, assign: bool = False) -> None:
     """`load_state_dict` that accepts nothing less than every key, with every shape, and nothing more.
     `assign`: the model's tensors become the given ones (a model built on the meta device)."""

@@ -13,7 +13,7 @@ from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, ImageBlock, 
                                RandomResizedCrop, Transform, aug_transforms)
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-from .data_files import class_folders, folder_files
+from .data_files import scan_folder
 from .labels import CLASSES
 from .preprocess import Preprocessing, decode_image, open_image, resize_center_crop
 
@@ -46,25 +46,21 @@ def scan_image_folder(root: str | Path, check_decodable: bool = True) -> Scanned
     crashing an epoch later.
     """
     root = Path(root)
-    by_class = class_folders(root, DatasetError)
-    missing = [c for c in CLASSES if c not in by_class]
+    found = scan_folder(root, strict=True, error=DatasetError)
+    missing = [c for c in CLASSES if c not in found.folders]
     if missing:
-        found = sorted(folder.name for folders in by_class.values() for folder in folders)   # every folder is one
-        raise DatasetError(f'{root}: no folder for class(es) {missing}; found {found}')
+        names = sorted(folder.name for folders in found.folders.values() for folder in folders)   # each one
+        raise DatasetError(f'{root}: no folder for class(es) {missing}; found {names}')
 
-    scanned = ScannedFolder(items=[])
-    for label, folders in by_class.items():
-        for folder in folders:
-            images, others = folder_files(folder, scanned.unreadable)
-            scanned.non_images += others
-            for path in images:
-                if check_decodable:
-                    try:   # decode_image: no TruncatedImageWarning, and no warning filter changed for it
-                        decode_image(path, draft_min_side=16)
-                    except (FileNotFoundError, ValueError) as err:   # every decoder failure is a ValueError
-                        scanned.unreadable.append((path, str(err)))
-                        continue
-                scanned.items.append((path, label))
+    scanned = ScannedFolder(items=[], non_images=found.non_images, unreadable=found.unreadable)
+    for path, label in found.items:
+        if check_decodable:
+            try:   # decode_image: no TruncatedImageWarning, and no warning filter changed for it
+                decode_image(path, draft_min_side=16)
+            except (FileNotFoundError, ValueError) as err:   # every decoder failure is a ValueError
+                scanned.unreadable.append((path, str(err)))
+                continue
+        scanned.items.append((path, label))
     if scanned.non_images:
         warnings.warn(f'{root}: skipped {len(scanned.non_images)} file(s) that are not images '
                       f'(e.g. {scanned.non_images[0]})')

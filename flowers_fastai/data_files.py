@@ -1,13 +1,47 @@
-"""Folders of labelled photos, without fastai: what training's data scan and evaluation share, and the file
-conventions of command-line prediction."""
+"""Folders of photos, without fastai: the one folder scanner that training, evaluation and command-line
+prediction share (`scan_folder`, strict or lenient), and the file conventions it follows."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .labels import CLASSES, normalize_class_name
 
 IMAGE_EXTENSIONS = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
+
+
+@dataclass
+class FolderScan:
+    """What `scan_folder` found: image files with their class (None in a lenient scan), the files it skipped as
+    not images, the sub-folders it could not list as (folder, why), and, strict, the class folders by class."""
+    items: list[tuple[Path, str | None]] = field(default_factory=list)
+    non_images: list[Path] = field(default_factory=list)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
+    folders: dict[str, list[Path]] = field(default_factory=dict)
+
+
+def scan_folder(root: str | os.PathLike, strict: bool = True, error: type[Exception] = ValueError) -> FolderScan:
+    """The image files under `root`, recursively, sorted.
+
+    strict (training, evaluation): `root/<class>/**/<file>`, labelled by their class folder (`class_folders`:
+    a missing root or a folder that names no class raises `error`); hidden files and folders and files directly in
+    `root` ignored; files without an image extension listed in `non_images`; a sub-folder that cannot be listed
+    recorded in `unreadable`, not fatal. The caller decides what a missing class or an empty scan means.
+    lenient (`python -m flowers_fastai.predict DIR`): every file under `root` with an image extension, hidden
+    ones too, unlabelled; see `folder_files`."""
+    root, scan = Path(root), FolderScan()
+    if not strict:
+        images, scan.non_images = folder_files(root, strict=False)
+        scan.items = [(path, None) for path in images]
+        return scan
+    scan.folders = class_folders(root, error)
+    for label, folders in scan.folders.items():
+        for folder in folders:
+            images, others = folder_files(folder, scan.unreadable)
+            scan.items += [(path, label) for path in images]
+            scan.non_images += others
+    return scan
 
 
 def class_folders(root: Path, error: type[Exception] = ValueError) -> dict[str, list[Path]]:
@@ -26,26 +60,38 @@ def class_folders(root: Path, error: type[Exception] = ValueError) -> dict[str, 
     return {c: by_class[c] for c in CLASSES if c in by_class}
 
 
-def folder_files(folder: Path, unreadable: list[tuple[Path, str]] | None = None) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) under `folder`, recursively, sorted; hidden files and folders ignored.
+def folder_files(folder: Path, unreadable: list[tuple[Path, str]] | None = None,
+                 strict: bool = True) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) under `folder`, recursively, sorted; symbolic links to folders not followed.
 
-    A sub-folder that cannot be listed (a path longer than the system allows, no permission) is skipped, not
-    fatal; with `unreadable` given it is appended there as (folder, why). A file whose path is too long to
-    stat counts by its extension, so that opening it reports it."""
+    strict: hidden files and folders ignored. A sub-folder that cannot be listed (a path longer than the system
+    allows, no permission) is skipped, not fatal; with `unreadable` given it is appended there as (folder, why).
+    A file whose path is too long to stat counts by its extension, so that opening it reports it.
+    lenient: what the prediction CLI always did (pathlib's `rglob('*')` on Python 3.11): hidden files and
+    folders included, a folder without permission skipped silently, any other error listing a folder or
+    checking a file raised."""
     images, others = [], []
 
     def cannot_list(err: OSError) -> None:
+        if not strict:
+            if isinstance(err, PermissionError):
+                return
+            raise err
         if unreadable is not None:
             where = Path(err.filename or folder)
             unreadable.append((where, f'{where} is a folder that cannot be listed: {err.strerror or err}'))
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=cannot_list):   # rglob raised on the first
-        dirnames[:] = [d for d in dirnames if not d.startswith('.')]             # error: the scan ended there
+    # os.walk, not rglob: rglob ends the whole scan at the first folder it cannot list
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=cannot_list):
+        if strict:
+            dirnames[:] = [d for d in dirnames if not d.startswith('.')]
         for name in filenames:
             path = Path(dirpath) / name
             try:
                 is_file = path.is_file()
             except OSError:   # ENAMETOOLONG: listed here, but only its own open can say why it is unusable
+                if not strict:
+                    raise
                 is_file = True
-            if is_file and not name.startswith('.'):
+            if is_file and not (strict and name.startswith('.')):
                 (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
     return sorted(images), sorted(others)

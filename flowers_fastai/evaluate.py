@@ -39,11 +39,12 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .calibration import expected_calibration_error, reliability_diagram
-from .data_files import IMAGE_EXTENSIONS, class_folders, folder_files
+from .calibration import reliability_diagram
+from .data_files import IMAGE_EXTENSIONS, scan_folder
 from .inference import Ensemble, members
 from .inference_nets import ClipViTClassifier, quantize_int8
 from .labels import CLASSES, normalize_class_name
+from .metrics import ECE_BINS, accuracy, classification_metrics
 from .predict import CsvOutput, OutputError, check_writable_place, classify_files, run_cli
 from .preprocess import TruncatedImageWarning
 from .submit import find_weights, load_model as submit_load_model
@@ -51,7 +52,6 @@ from .submit import find_weights, load_model as submit_load_model
 __all__ = ['ARRAY_KEYS', 'ECE_BINS', 'EvaluationError', 'LabelledFolder', 'scan_labelled_folder', 'load_model',
            'classification_metrics', 'evaluate', 'summary_numbers', 'default_out', 'main']
 
-ECE_BINS = 15
 # keys of evaluate()'s result that hold tensors / per-photo data rather than summary numbers
 ARRAY_KEYS = ('paths', 'targets', 'probabilities')
 VARIANT_NAMES = {'plain': 'plain', 'tta': 'TTA', 'int8': 'int8 ViT'}   # evaluated forms of the model, as shown
@@ -82,21 +82,16 @@ def scan_labelled_folder(root: str | os.PathLike) -> LabelledFolder:
     counted in `non_images`, hidden files and folders and files directly in `root` ignored. A class may be
     absent (a small test folder); a folder that names no class, or no image at all, is an `EvaluationError`."""
     root = Path(root)
-    by_class = class_folders(root, EvaluationError)
-    if not by_class:
+    found = scan_folder(root, strict=True, error=EvaluationError)
+    if not found.folders:
         raise EvaluationError(f'{root} has no class folders; expected {root}/<class>/<photos> with <class> one of '
                               f'{CLASSES}')
-    scanned = LabelledFolder(root=root, items=[])
-    for label, folders in by_class.items():
-        for folder in folders:
-            images, others = folder_files(folder, scanned.unreadable_folders)
-            scanned.items += [(path, label) for path in images]
-            scanned.non_images += others
-    if not scanned.items:
-        names = [folder.name for folders in by_class.values() for folder in folders]
+    if not found.items:
+        names = [folder.name for folders in found.folders.values() for folder in folders]
         raise EvaluationError(f'{root}: no image files in its class folders {names} '
                               f'(extensions {sorted(IMAGE_EXTENSIONS)})')
-    return scanned
+    return LabelledFolder(root=root, items=found.items, non_images=found.non_images,
+                          unreadable_folders=found.unreadable)
 
 
 # ----------------------------------------------------------------------------------------------- the model
@@ -122,52 +117,6 @@ def _class_index(label) -> int:
     if not 0 <= index < len(CLASSES):
         raise ValueError(f'label {label!r} is not a class index 0..{len(CLASSES) - 1}')
     return index
-
-
-def classification_metrics(probabilities: torch.Tensor, targets: torch.Tensor, n_bins: int = ECE_BINS) -> dict:
-    """Summary numbers (JSON-ready) of N x 5 probabilities against N class indices.
-
-    accuracy; per class (CLASSES order) precision, recall, F1, support (true photos) and predicted (photos
-    predicted as it), 0.0 where undefined (as scikit-learn's zero_division=0); macro F1, the unweighted mean F1
-    over the classes present in the targets or the predictions (scikit-learn's `f1_score(average='macro')`);
-    confusion_matrix (rows: true class, columns: predicted); top-label ECE with `n_bins` equal-width bins; NLL
-    (mean -log probability of the true class, the probabilities clamped at 1e-12); mean confidence."""
-    probabilities = torch.as_tensor(probabilities).detach().double().cpu()
-    targets = torch.as_tensor(targets).long().cpu()
-    if probabilities.ndim != 2 or probabilities.shape[1] != len(CLASSES) or probabilities.shape[0] == 0:
-        raise ValueError(f'probabilities must be N x {len(CLASSES)} with N > 0, not {tuple(probabilities.shape)}')
-    if targets.shape != probabilities.shape[:1]:
-        raise ValueError(f'targets must be a vector of {probabilities.shape[0]} class indices')
-    n, k = probabilities.shape
-    predicted = probabilities.argmax(dim=1)
-    cm = torch.zeros(k, k, dtype=torch.long)
-    cm.index_put_((targets, predicted), torch.ones(n, dtype=torch.long), accumulate=True)
-    diagonal = cm.diag()
-    support, n_predicted = cm.sum(1), cm.sum(0)
-    per_class, f1s = {}, []
-    for i, name in enumerate(CLASSES):
-        tp = int(diagonal[i])
-        precision = tp / int(n_predicted[i]) if n_predicted[i] else 0.0
-        recall = tp / int(support[i]) if support[i] else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[name] = {'precision': precision, 'recall': recall, 'f1': f1,
-                           'support': int(support[i]), 'predicted': int(n_predicted[i])}
-        if support[i] or n_predicted[i]:
-            f1s.append(f1)
-    true_p = probabilities.gather(1, targets[:, None])[:, 0]
-    return {
-        'n_photos': n,
-        'accuracy': int(diagonal.sum()) / n,
-        'macro_f1': sum(f1s) / len(f1s),
-        'macro_f1_classes': [c for c in CLASSES if per_class[c]['support'] or per_class[c]['predicted']],
-        'ece': expected_calibration_error(probabilities, targets, n_bins),
-        'ece_bins': n_bins,
-        'nll': float(-true_p.clamp(min=1e-12).log().mean()),
-        'mean_confidence': float(probabilities.max(dim=1).values.mean()),
-        'n_misclassified': n - int(diagonal.sum()),
-        'per_class': per_class,
-        'confusion_matrix': cm.tolist(),
-    }
 
 
 def evaluate(model: nn.Module, items: Iterable[tuple[str | os.PathLike, str | int]], batch_size: int = 16,
@@ -339,7 +288,7 @@ def _table(results: dict[str, dict]) -> list[str]:
 
 
 def _describe(model: nn.Module, weights: list[Path]) -> list[dict]:
-    return [{'path': str(path), 'family': getattr(m, 'flowers_family', None),
+    return [{'path': str(path), 'family': m.flowers_family,
              'image_size': m.flowers_preprocessing.size, 'temperature': float(m.flowers_temperature)}
             for path, m in zip(weights, members(model))]
 
@@ -422,8 +371,8 @@ def _main(argv) -> int:
         return 2
     plain = results['plain']
     if 'int8' in results:   # the same photos, in the same order
-        same = results['int8']['probabilities'].argmax(1) == plain['probabilities'].argmax(1)
-        results['int8']['agreement_with_plain'] = float(same.float().mean())
+        results['int8']['agreement_with_plain'] = accuracy(plain['probabilities'].argmax(1),
+                                                           results['int8']['probabilities'].argmax(1))
     metrics = {
         'weights': _describe(model, weights),
         'ensemble': isinstance(model, Ensemble),

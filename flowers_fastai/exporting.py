@@ -17,11 +17,11 @@ from typing import Callable
 import torch
 
 from .distill import without_distill_head
-from .architectures import ArchitectureError, ClipClassifier, ClipTowerSpec, build_cnn, load_exactly
+from .architectures import ArchitectureError
+from .families import DELIVERED, get_family
 from .labels import CLASSES
-from .lora import apply_lora, has_lora, merge_lora
 
-FAMILIES = ('cnn', 'vit')
+FAMILIES = DELIVERED   # the families export writes, in order
 VALID_ITEMS = 'valid_items.csv'   # the run's validation photos (path, label), written by training
 EXPORT_TODO = 'this run cannot be exported: train it again, or export another run with --run'
 
@@ -248,29 +248,19 @@ def export_run(run_dir: str | Path, out: str | Path, half: bool = False, calibra
 
     try:   # a config.json that parses but lacks a field: one sentence, not a KeyError
         recipe, pp = config['recipe'], config['preprocessing']
-        if recipe['family'] == 'cnn':
-            model = build_cnn(recipe['arch'])
-            key_order = list(model.state_dict())
-            sidecar = {'family': 'cnn', 'arch': recipe['arch'].split('.')[0]}
-        else:
-            spec = ClipTowerSpec(**config['clip_spec'])
-            model = ClipClassifier(spec)
-            key_order = list(model.state_dict())
-            if has_lora(state):  # LoRA updates (a best epoch before any light full fine-tune): load, then fold in
-                apply_lora(model.visual, recipe['lora_rank'], recipe.get('lora_alpha', 16.0))
-            sidecar = {'family': 'vit', 'arch': spec.name, 'quick_gelu': spec.quick_gelu,
-                       'head_width': spec.head_width}
-        sidecar.update(image_size=pp['size'], crop_pct=pp['crop_pct'], mean=pp['mean'], std=pp['std'],
-                       classes=config['classes'])
+        family = get_family(recipe['family'])
+        if family.delivery is None:
+            raise ValueError(f'the {family.name} family is not delivered (only {", ".join(DELIVERED)} are)')
+        model = family.trained_network(config, state, str(best))
+        sidecar = {'family': family.name, **family.delivery.sidecar(config, model),
+                   'image_size': pp['size'], 'crop_pct': pp['crop_pct'], 'mean': pp['mean'], 'std': pp['std'],
+                   'classes': config['classes']}
+    except ArchitectureError as err:
+        raise RunFolderError(f'{err}: {EXPORT_TODO}') from None
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise RunFolderError(f'{run_dir / "config.json"} does not describe a model export can build '
                              f'({type(err).__name__}: {err}): {EXPORT_TODO}') from None
-    try:
-        load_exactly(model, state, str(best))
-    except ArchitectureError as err:
-        raise RunFolderError(f'{err}: {EXPORT_TODO}') from None
-    merged = merge_lora(model).state_dict()
-    state_dict = {k: merged[k] for k in key_order}  # the published key order, whatever LoRA did
+    state_dict = model.state_dict()   # the published key order: the family's network loaded, LoRA folded in
     if half:
         state_dict = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
 

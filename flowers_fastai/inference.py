@@ -2,8 +2,8 @@
 ensembles of models, and batches of files. No fastai: `submit`, the prediction CLI, evaluation and the web demo
 all go through here.
 
-A model is one returned by `submit.load_cnn_model` / `load_vit_model` (it carries `flowers_preprocessing` and
-`flowers_temperature`) or an `Ensemble` of them (`submit.load_ensemble`).
+A model is a `Served` network returned by `submit.load_cnn_model` / `load_vit_model` (it declares its
+preprocessing and temperature) or an `Ensemble` of them (`submit.load_ensemble`).
 """
 from __future__ import annotations
 
@@ -23,17 +23,32 @@ from .preprocess import (DRAFT_FLOOR, Preprocessing, center_crop, open_image, re
                          to_normalized_tensor)
 
 
-class Ensemble(nn.Module):
+class Served(nn.Module):
+    """What every model that `submit` returns declares, in this one place: its family, the preprocessing of its
+    input, and its calibration temperature T (probabilities = softmax(logits / T)). The delivery networks
+    (`inference_nets`) and `Ensemble` are Served; `serve` makes a built network servable (eval mode, no
+    gradients) and says how to feed it."""
+    flowers_family: str | None = None
+    flowers_preprocessing: Preprocessing | None = None   # None: not servable yet (`members` refuses it)
+    flowers_temperature: float = 1.0
+
+    def serve(self, family: str, preprocessing: Preprocessing, temperature: float = 1.0) -> 'Served':
+        self.flowers_family, self.flowers_preprocessing = family, preprocessing
+        self.flowers_temperature = float(temperature)
+        return self.eval().requires_grad_(False)
+
+
+class Ensemble(Served):
     """Members whose calibrated probabilities are averaged. Each member keeps its own preprocessing, so
     `forward` takes one input per member; it returns log(mean probability), so that softmax of the output is
     the ensemble's probability and its argmax the ensemble's class, as for a single model."""
 
     def __init__(self, members: list[nn.Module]):
         super().__init__()
-        if not members or any(getattr(m, 'flowers_preprocessing', None) is None for m in members):
+        if not members or any(not _servable(m) for m in members):
             raise TypeError('an Ensemble is made of models returned by load_cnn_model() / load_vit_model()')
         self.members = nn.ModuleList(members)
-        self.flowers_temperature = 1.0   # the members are calibrated one by one
+        self.flowers_family = 'ensemble'   # temperature 1.0: the members are calibrated one by one
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         probabilities = [calibrated_softmax(member, member(x)) for member, x in zip(self.members, inputs)]
@@ -43,15 +58,19 @@ class Ensemble(nn.Module):
 def members(model: nn.Module) -> list[nn.Module]:
     if isinstance(model, Ensemble):
         return list(model.members)
-    if getattr(model, 'flowers_preprocessing', None) is None:
+    if not _servable(model):
         raise TypeError('expected a model returned by load_cnn_model(), load_vit_model() or load_ensemble(), '
                         f'not {type(model).__name__}')
     return [model]
 
 
+def _servable(model) -> bool:
+    return isinstance(model, Served) and model.flowers_preprocessing is not None
+
+
 def calibrated_softmax(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     """softmax(logits / T), T the model's fitted temperature (1.0 when it was not calibrated)."""
-    return (logits.float() / getattr(model, 'flowers_temperature', 1.0)).softmax(dim=-1)
+    return (logits.float() / model.flowers_temperature).softmax(dim=-1)
 
 
 def load_image(image_path: str | os.PathLike, model: nn.Module) -> Image.Image:

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .inference import Served
+
 QUICK_GELU_ALPHA = 1.702   # OpenAI CLIP's activation: x * sigmoid(1.702 x)
 
 
@@ -191,15 +193,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory in the process rather than hand it back to the OS at once.
+    """Opt-in: ask glibc to keep freed memory in the process rather than hand it back to the OS at once.
 
-    Every forward pass allocates and frees the same few-MB activations. By default glibc serves blocks that big
-    with mmap, or trims them off the heap when freed, so each pass page-faults them in again: measured here,
-    ~2,700 page faults per ConvNeXt V2 tiny prediction, 0.3 with this (benchmarks/latency.py prints the count).
-    Raising glibc's mmap threshold (to its 32 MiB maximum) and trim threshold keeps them mapped; this is what
-    PyTorch's CPU performance guides get from jemalloc/tcmalloc. The cost: the process keeps its peak heap (tens
-    of MB for the CNN, a few hundred for ViT-L/14). Process-wide, so applied once, on Linux/glibc only;
-    FLOWERS_KEEP_MALLOC=1 in the environment opts out. Returns whether it applied."""
+    Every forward pass allocates and frees the same few-MB activations. glibc may serve blocks that big with mmap,
+    or trim them off the heap when freed, so that each pass page-faults them in again (benchmarks/latency.py,
+    2026-11-27: ~2,700 page faults per ConvNeXt V2 tiny prediction, 0 with this; docs/speed.md has the numbers
+    and where the effect did not show). Raising glibc's mmap threshold (to its 32 MiB maximum) and trim
+    threshold keeps them mapped; this is what PyTorch's CPU performance guides get from jemalloc/tcmalloc. The
+    cost: the process keeps its peak heap (tens of MB for the CNN, a few hundred for ViT-L/14).
+
+    Not called by any loader: it changes malloc for the whole process, which is the host application's call,
+    not a library's (issue 14). A serving process calls it once, or sets glibc's own equivalent before it starts:
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 (docs/speed.md). Linux/glibc only, applied
+    once; FLOWERS_KEEP_MALLOC=1 in the environment vetoes it (for a process whose memory is being measured).
+    Returns whether it applied."""
     global _MALLOC_TUNED
     if _MALLOC_TUNED is None:
         _MALLOC_TUNED = False
@@ -207,13 +214,15 @@ def keep_freed_memory() -> bool:
             try:
                 libc = ctypes.CDLL('libc.so.6')
                 m_trim_threshold, m_mmap_threshold = -1, -3   # glibc's mallopt parameter numbers
-                _MALLOC_TUNED = bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)
-                                     and libc.mallopt(m_trim_threshold, 2**30))
+                _MALLOC_TUNED = bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
+                                     and libc.mallopt(m_trim_threshold, TRIM_THRESHOLD))
             except (OSError, AttributeError):   # no glibc (musl, ...): nothing to tune
                 pass
     return _MALLOC_TUNED
 
 
+# The values keep_freed_memory gives glibc; docs/speed.md quotes them as MALLOC_*_ environment settings.
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 * 2**20, 2**30
 _MALLOC_TUNED = None
 
 
@@ -277,10 +286,9 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 def pack_for_cpu(model: nn.Module) -> nn.Module:
     """Pack every linear and convolution weight of an inference network for oneDNN (linear ones at load time,
-    convolution ones at the first input of each shape), put its convolution weights in channels-last order, and
-    keep freed activation memory mapped (`keep_freed_memory`). The outputs do not change; the state_dict neither.
-    (After `quantize_int8`, this puts the ViT back to fp32.)"""
-    keep_freed_memory()
+    convolution ones at the first input of each shape) and put its convolution weights in channels-last order.
+    The outputs do not change; the state_dict neither. (After `quantize_int8`, this puts the ViT back to fp32.)
+    malloc is left as it is: `keep_freed_memory` is the caller's opt-in."""
     if isinstance(model, ConvNeXtV2):
         # `.to` swaps each parameter's `.data`: the new tensor must be of the parameter's own kind (an inference
         # tensor given a normal one, or the reverse, is left half one, half the other); `submit` builds normal ones
@@ -434,7 +442,7 @@ class _Head(nn.Module):
         return self.fc(self.norm(x.mean(dim=(2, 3))))
 
 
-class ConvNeXtV2(nn.Module):
+class ConvNeXtV2(Served):
     """ConvNeXt V2 for inference, with timm's `convnextv2_*` state_dict (keys and shapes). The small sizes
     (dims[0] < 96: atto ... nano) keep timm's 1x1-conv MLP weight shapes."""
 
@@ -548,7 +556,7 @@ class ClipVisionTower(nn.Module):
         return self.ln_post(x[:, 0]) @ self.proj                           # class token
 
 
-class ClipViTClassifier(nn.Module):
+class ClipViTClassifier(Served):
     """CLIP image tower + Linear(output_dim, 5): the ViT weight file's layout (`visual.*`, `head.*`)."""
 
     def __init__(self, spec, num_classes: int = 5):

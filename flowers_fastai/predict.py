@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .data_files import IMAGE_EXTENSIONS
+from .data_files import scan_folder
 from .inference import FileResult, predict_files
 from .labels import CLASSES
 from .submit import find_weights, load_cnn_model, load_ensemble, load_vit_model, quantize_int8
@@ -178,8 +178,8 @@ def expand(paths: list[Path]) -> list[Path]:
     """Files as given; folders become their image files, recursively, in sorted order."""
     files = []
     for path in paths:
-        if path.is_dir():
-            files += sorted(p for p in path.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if path.is_dir():   # lenient: hidden files too, nothing labelled, non-images silently left out
+            files += [file for file, _ in scan_folder(path, strict=False).items]
         else:
             files.append(path)
     return files

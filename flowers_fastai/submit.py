@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import pickle
 import struct
@@ -42,21 +43,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .architectures import (CONVNEXTV2_SIZES, NUM_CLASSES, ArchitectureError, family_of, infer_clip_spec,
-                            infer_cnn_arch, load_exactly)
-from .inference import Ensemble, as_dict, load_image, members, probabilities
-from .inference_nets import ClipViTClassifier, ConvNeXtV2, normal_tensors, pack_for_cpu, quantize_int8
+from .architectures import NUM_CLASSES
+from . import families
+from .families import FAMILIES, family_of
+from .inference import Ensemble, Served, as_dict, load_image, members, probabilities
+from .inference_nets import normal_tensors, pack_for_cpu, quantize_int8
 from .labels import CLASSES
-from .preprocess import Preprocessing, cnn_preprocessing, load_for_model, vit_preprocessing
+from .preprocess import Preprocessing, load_for_model
 
 __all__ = ['CLASSES', 'load_cnn_model', 'load_vit_model', 'load_ensemble', 'predict', 'predict_proba',
            'quantize_int8']
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / 'weights'
-_HOW_TO_MAKE = {'cnn': 'python train.py cnn && python export.py --family cnn',
-                'vit': 'python train.py vit && python export.py --family vit'}
-_LOADER = {'cnn': 'load_cnn_model', 'vit': 'load_vit_model'}
-_FAMILY_NAME = {'cnn': 'a ConvNeXt V2 CNN', 'vit': 'a CLIP ViT'}
 
 
 def find_weights(weights_path: str | os.PathLike, family: str | None = None) -> Path:
@@ -67,7 +65,7 @@ def find_weights(weights_path: str | os.PathLike, family: str | None = None) -> 
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    how = f'. Train and export one with: {_HOW_TO_MAKE[family]}' if family else ''
+    how = f'. Train and export one with: python train.py {family} && python export.py --family {family}' if family else ''
     raise FileNotFoundError(f'weights file {weights_path} not found (looked in: {", ".join(map(str, candidates))})'
                             + how)
 
@@ -147,10 +145,15 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_triple(value, within) -> bool:
+    return (isinstance(value, list) and len(value) == 3
+            and all(_is_number(x) and math.isfinite(x) and within(x) for x in value))
+
+
 # The sidecar fields the loader reads, each with its check and what it must be. Any other field (run, arch,
 # calibration, ...) is provenance and is not read. A field that is present must be valid: null is not "absent".
 SIDECAR_FIELDS = {
-    'family': (lambda v: v in ('cnn', 'vit'), '"cnn" or "vit"'),
+    'family': (lambda v: v in families.DELIVERED, ' or '.join(f'"{name}"' for name in families.DELIVERED)),
     'classes': (lambda v: v == CLASSES, f'the list {json.dumps(CLASSES)} (the order of the head\'s rows)'),
     # a ConvNeXt divides its input by 32; above 2048 px one photo's activations would take gigabytes
     'image_size': (lambda v: _is_int(v) and 32 <= v <= 2048, 'a whole number of pixels from 32 to 2048'),
@@ -158,6 +161,10 @@ SIDECAR_FIELDS = {
     'head_width': (lambda v: _is_int(v) and v > 0, 'a positive whole number'),   # it must divide the width too
     # the range `calibration.fit_temperature` searches; a tinier T overflows logits / T to inf (NaN probabilities)
     'temperature': (lambda v: _is_number(v) and 0.01 <= v <= 100, 'a number from 0.01 to 100'),
+    # the preprocessing the file was trained with (export writes it from the weights' own configuration)
+    'crop_pct': (lambda v: _is_number(v) and 0.25 <= v <= 1, 'a number from 0.25 to 1 (crop size / resize)'),
+    'mean': (lambda v: _is_triple(v, lambda x: 0 <= x <= 1), 'a list of 3 numbers from 0 to 1 (R, G, B)'),
+    'std': (lambda v: _is_triple(v, lambda x: 0.01 <= x <= 10), 'a list of 3 numbers from 0.01 to 10 (R, G, B)'),
 }
 
 
@@ -196,13 +203,13 @@ def _load(weights_path, family: str | None) -> tuple[dict[str, torch.Tensor], di
                              f'({", ".join(list(state_dict)[:3])}, ...) are those of neither')
         family = found
     if found != family:
-        other = (f'it holds {_FAMILY_NAME[found]} model: load it with {_LOADER[found]}()' if found
-                 else f'its keys ({", ".join(list(state_dict)[:3])}, ...) are not those of {_FAMILY_NAME[family]} model')
-        raise ValueError(f'{path} is not {_FAMILY_NAME[family]} weights file: {other}')
+        other = (f'it holds {FAMILIES[found].title} model: load it with {FAMILIES[found].delivery.loader}()' if found
+                 else f'its keys ({", ".join(list(state_dict)[:3])}, ...) are not those of {FAMILIES[family].title} model')
+        raise ValueError(f'{path} is not {FAMILIES[family].title} weights file: {other}')
     if sidecar.get('family', family) != family:   # a sidecar copied from another file: its settings are not this one's
         raise ValueError(f'{path.with_suffix(".json")}: field "family" says "{sidecar["family"]}" but {path.name} '
-                         f'holds {_FAMILY_NAME[family]} model: the sidecar belongs to another file')
-    head = state_dict.get('head.fc.weight' if family == 'cnn' else 'head.weight')
+                         f'holds {FAMILIES[family].title} model: the sidecar belongs to another file')
+    head = state_dict.get(FAMILIES[family].delivery.head_key)
     if head is None or head.ndim != 2:
         raise ValueError(f'{path} has no classification head')
     if head.shape[0] != NUM_CLASSES:
@@ -210,15 +217,10 @@ def _load(weights_path, family: str | None) -> tuple[dict[str, torch.Tensor], di
     return state_dict, sidecar, path, family
 
 
-def _ready(model: nn.Module, family: str, preprocessing: Preprocessing, temperature: float) -> nn.Module:
+def _ready(model: Served, family: str, preprocessing: Preprocessing, temperature: float) -> Served:
     """The built model made servable. Runs inside `normal_tensors` (see `_loader`)."""
-    model.eval()
-    model.requires_grad_(False)
-    model = pack_for_cpu(model)              # linear weights packed once for oneDNN (a cache; state_dict unchanged)
-    model.flowers_family = family            # what `predict` needs to prepare an image for this model
-    model.flowers_preprocessing = preprocessing
-    model.flowers_temperature = temperature  # calibration: probabilities = softmax(logits / T)
-    return model
+    model.serve(family, preprocessing, temperature)   # eval mode, no gradients, how to feed it
+    return pack_for_cpu(model)   # linear weights packed once for oneDNN (a cache; state_dict unchanged)
 
 
 def _loader(load):
@@ -237,51 +239,26 @@ def _loader(load):
 def load_cnn_model(weights_path='cnn_flowers.pth') -> nn.Module:
     """The ConvNeXt V2 classifier in `weights_path`: a plain PyTorch module in eval mode, on CPU, with timm's
     state_dict layout (`inference_nets.ConvNeXtV2`, written for CPU inference without importing timm)."""
-    return _build_cnn(*_load(weights_path, 'cnn')[:3])
-
-
-def _build_cnn(state_dict: dict[str, torch.Tensor], sidecar: dict, path: Path) -> nn.Module:
-    try:
-        size = infer_cnn_arch(state_dict).removeprefix('convnextv2_')
-    except ArchitectureError as err:
-        raise ValueError(f'{path}: {err}') from None
-    with torch.device('meta'):   # no random initialisation: every tensor comes from the file
-        model = ConvNeXtV2(*CONVNEXTV2_SIZES[size]).float()   # float32 even under set_default_dtype(float64)
-    load_exactly(model, state_dict, str(path), assign=True)
-    return _ready(model, 'cnn', cnn_preprocessing(sidecar.get('image_size', 224)),
-                  float(sidecar.get('temperature', 1.0)))
+    return _build(*_load(weights_path, 'cnn'))
 
 
 @_loader
 def load_vit_model(weights_path='vit_flowers.pth') -> nn.Module:
     """The CLIP ViT classifier in `weights_path`: open_clip's image tower + head as a plain PyTorch module in
     eval mode, on CPU, with open_clip's state_dict layout (`inference_nets.ClipViTClassifier`)."""
-    return _build_vit(*_load(weights_path, 'vit')[:3])
-
-
-def _build_vit(state_dict: dict[str, torch.Tensor], sidecar: dict, path: Path) -> nn.Module:
-    try:
-        spec = infer_clip_spec(state_dict, quick_gelu=sidecar.get('quick_gelu', True),
-                               head_width=sidecar.get('head_width', 64))
-    except ArchitectureError as err:
-        raise ValueError(f'{path}: {err}') from None
-    if spec.width % spec.head_width:
-        raise ValueError(f'{path.with_suffix(".json")}: field "head_width" ({spec.head_width}) must divide the '
-                         f'width of the tower in {path.name} ({spec.width})')
-    if sidecar.get('image_size', spec.image_size) != spec.image_size:
-        raise ValueError(f'{path.with_suffix(".json")}: field "image_size" says {sidecar["image_size"]} but the '
-                         f'positional embedding in {path.name} is for {spec.image_size} px')
-    with torch.device('meta'):
-        model = ClipViTClassifier(spec).float()
-    load_exactly(model, state_dict, str(path), assign=True)
-    return _ready(model, 'vit', vit_preprocessing(spec.image_size), float(sidecar.get('temperature', 1.0)))
+    return _build(*_load(weights_path, 'vit'))
 
 
 @_loader
 def load_model(weights_path: str | os.PathLike) -> nn.Module:
     """A CNN or a ViT file, whichever its key names show (a sidecar's `family` must agree), read once."""
-    state_dict, sidecar, path, family = _load(weights_path, None)
-    return (_build_cnn if family == 'cnn' else _build_vit)(state_dict, sidecar, path)
+    return _build(*_load(weights_path, None))
+
+
+def _build(state_dict: dict[str, torch.Tensor], sidecar: dict, path: Path, family: str) -> nn.Module:
+    """The family's delivery network, with the file's tensors and the preprocessing it was trained with."""
+    model, preprocessing = FAMILIES[family].delivery.build(state_dict, sidecar, path)
+    return _ready(model, family, preprocessing, float(sidecar.get('temperature', 1.0)))
 
 
 @_loader

@@ -9,7 +9,6 @@ strict. A teacher is trained by `train.py teacher --arch tf_efficientnet_lite0` 
 """
 from __future__ import annotations
 
-import functools
 import importlib
 from pathlib import Path
 
@@ -144,14 +143,6 @@ def timm_pretrained_file(arch: str, tag: str = '') -> Path:
     return _hub_download(cfg.hf_hub_id, [cfg.hf_hub_filename or 'model.safetensors'], name)
 
 
-@functools.lru_cache(maxsize=None)   # it builds the network: once per architecture, not per DataLoaders
-def timm_data_config(arch: str) -> dict:
-    """timm's preprocessing of `arch`'s pretrained weights (mean, std, crop_pct, interpolation, size); read it,
-    do not change it (the dict is shared)."""
-    import timm
-    return timm.data.resolve_model_data_config(build_timm_classifier(arch))
-
-
 # ---------------------------------------------------------------------------------------------- reading a teacher
 def load_teacher(source: str | Path) -> tuple[nn.Module, dict]:
     """A trained classifier for distillation and its preprocessing ({'mean', 'std', 'size'}), from a run folder
@@ -180,39 +171,26 @@ def read_trained_weights(source: Path) -> tuple[dict[str, torch.Tensor], Path]:
 
 def _teacher_from_run(run_dir: Path, state: dict[str, torch.Tensor], best: Path) -> tuple[nn.Module, dict]:
     from .exporting import run_config
+    from .families import get_family
     config = run_config(run_dir)
-    recipe, pp = config['recipe'], config['preprocessing']
-    if recipe['family'] == 'vit':
-        from .architectures import ClipClassifier, ClipTowerSpec
-        from .lora import apply_lora, has_lora, merge_lora
-        model = ClipClassifier(ClipTowerSpec(**config['clip_spec']))
-        if has_lora(state):
-            apply_lora(model.visual, recipe['lora_rank'], recipe.get('lora_alpha', 16.0))
-        load_exactly(model, state, str(best))
-        model = merge_lora(model)
-    else:   # 'cnn' builds convnextv2_*, 'teacher' any timm classifier: both are timm models by name
-        model = build_timm_classifier(recipe['arch'])
-        load_exactly(model, state, str(best))
+    model = get_family(config['recipe']['family']).trained_network(config, state, str(best))
+    pp = config['preprocessing']
     return model.eval(), {'mean': list(pp['mean']), 'std': list(pp['std']), 'size': pp['size']}
 
 
 def _teacher_from_export(path: Path, state: dict[str, torch.Tensor]) -> tuple[nn.Module, dict]:
-    from .architectures import ClipClassifier, build_cnn, family_of, infer_clip_spec, infer_cnn_arch
-    from .preprocess import cnn_preprocessing, vit_preprocessing
-    from .submit import _read_sidecar   # the delivery loader's own reader: every field it reads is checked
+    """An exported file as a teacher: the delivery loader's own checks (every sidecar field it reads), then the
+    family's training network (autograd-ready, unlike the delivery one) with the same weights."""
+    from .families import FAMILIES, family_of
+    from .submit import _read_sidecar
     sidecar = _read_sidecar(path)
     family = family_of(state)
-    if family == 'cnn':
-        model = build_cnn(infer_cnn_arch(state))
-        pp = cnn_preprocessing(sidecar.get('image_size', 224))
-    elif family == 'vit':
-        model = ClipClassifier(infer_clip_spec(state, quick_gelu=sidecar.get('quick_gelu', True),
-                                               head_width=sidecar.get('head_width', 64)))
-        pp = vit_preprocessing(model.spec.image_size)
-    else:
+    if family is None:
         raise ValueError(f'{path} is neither an exported CNN nor ViT file; a teacher of another architecture is '
                          'given by its run folder (runs/NAME)')
-    load_exactly(model, {k: v.float() for k, v in state.items()}, str(path))
+    delivery = FAMILIES[family].delivery
+    _, pp = delivery.build(state, sidecar, path)   # every check submit makes, and the file's preprocessing
+    model = FAMILIES[family].trained_network(delivery.run_config(state, sidecar), state, str(path))
     return model.eval(), {'mean': list(pp.mean), 'std': list(pp.std), 'size': pp.size}
 
 

@@ -19,7 +19,6 @@ from fastai.vision.all import (Adam, Callback, ClassificationInterpretation, Cro
                                EarlyStoppingCallback, GradientAccumulation, GradientClip, Learner, SaveModelCallback,
                                accuracy, default_device, set_seed)
 
-from .architectures import ClipClassifier
 from .audit import audit_items
 from .callbacks import MixUpCutMix, WeightEMA
 from .data import DatasetError, flower_dataloaders, scan_image_folder, stratified_split
@@ -27,22 +26,21 @@ from .exporting import VALID_ITEMS, RunFolderError, atomic_write, load_checkpoin
 from .labels import CLASSES
 from .lora import has_lora, merge_lora, merge_lora_state
 from .distill import Distillation, attach_distill_head, with_distill_head
-from .models import SPLITTERS, create_model, layerwise_lrs
-from .preprocess import Preprocessing, cnn_preprocessing, vit_preprocessing
+from .families import get_family
+from .metrics import accuracy_by_class
+from .models import create_model, layerwise_lrs
+from .preprocess import Preprocessing
 from .recipes import Recipe
-from .teachers import load_teacher, timm_data_config
+from .teachers import load_teacher
 
 BEST, LAST = 'best', 'last'   # checkpoint names under <run>/models/
 RESUME_TODO = 'this run cannot continue: train it again under another --name (or delete its folder first)'
 
 
 def preprocessing_for(recipe: Recipe, size: int | None = None) -> Preprocessing:
-    """The family's input pipeline at `size` (default: the recipe's); a teacher's is timm's for its weights."""
-    size = size or recipe.size
-    if recipe.family == 'teacher':
-        cfg = timm_data_config(recipe.arch)
-        return Preprocessing(size, cfg['crop_pct'], tuple(cfg['mean']), tuple(cfg['std']))
-    return (cnn_preprocessing if recipe.family == 'cnn' else vit_preprocessing)(size)
+    """The family's input pipeline for the recipe's weights (architecture and tag) at `size` (default: the
+    recipe's)."""
+    return get_family(recipe.family).preprocessing(recipe.arch, recipe.pretrained_tag, size or recipe.size)
 
 
 def delivery_preprocessing(recipe: Recipe) -> Preprocessing:
@@ -135,7 +133,7 @@ class ResumableCheckpoint(Callback):
 def make_learner(recipe: Recipe, dls, model, run_dir: Path) -> Learner:
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(label_smoothing=recipe.label_smoothing),
                     opt_func=Adam,  # fastai's Adam with decoupled weight decay: AdamW
-                    wd=recipe.wd, metrics=accuracy, splitter=with_distill_head(SPLITTERS[recipe.family]),
+                    wd=recipe.wd, metrics=accuracy, splitter=with_distill_head(get_family(recipe.family).splitter),
                     path=run_dir, model_dir='models', cbs=[GradientClip(1.0)],
                     train_bn=False)  # frozen means frozen: no norm layer trains in a linear probe
     if default_device().type == 'cuda':
@@ -143,7 +141,7 @@ def make_learner(recipe: Recipe, dls, model, run_dir: Path) -> Learner:
     return learn
 
 
-def _phases(recipe: Recipe, pretrained) -> list[dict]:
+def recipe_phases(recipe: Recipe, pretrained) -> list[dict]:
     """fastai's `fine_tune` as explicit phases over the splitter's groups (bottom ... top block, head):
     (A) the head (+ `phase_a_blocks` top blocks) with the rest frozen, (B) the top `unfreeze_blocks` blocks or
     everything, (C, optional) everything at LRs / `final_lr_div`; with LoRA, phase C is the seed's "light full
@@ -333,8 +331,7 @@ def prepare_learner(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, p
               'data': str(Path(data_dir).resolve()), 'split': split, 'left_out_filed_under_two_classes': left_out,
               'n_train': len(dls.train_ds), 'n_valid': len(dls.valid_ds),
               'pretrained': str(pretrained) if pretrained else False, 'torch': torch.__version__}
-    if isinstance(model, ClipClassifier):
-        config['clip_spec'] = model.spec.to_dict()
+    config.update(get_family(recipe.family).run_config(model))   # e.g. the ViT's tower shape
     return learn, config
 
 
@@ -345,7 +342,7 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
     confusion_matrix.{csv,png}, config.json, metrics.json. Returns the Learner holding the best weights.
     With `resume`, the run continues after its last finished epoch, on the split it was started with."""
     run_dir = Path(run_dir)
-    state_path = run_dir / 'state.json'
+    state_path, state = run_dir / 'state.json', None
     if resume:
         if not state_path.exists():
             raise FileNotFoundError(f'nothing to resume in {run_dir} (no state.json): {RESUME_TODO}')
@@ -356,8 +353,24 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
     run_dir.mkdir(parents=True, exist_ok=True)
     learn, config = prepare_learner(recipe, data_dir, run_dir, pretrained=False if resume else pretrained,
                                     split=split, num_workers=num_workers, limit_items=limit_items)
+    return run_phases(learn, recipe, pretrained, config=None if resume else config, state=state)
+
+
+def freeze_for_phase(learn: Learner, recipe: Recipe, pretrained: bool | str | Path, index: int = 0) -> None:
+    """Freeze `learn` as phase `index` trains it (0: phase A, the head when pretrained; what lr_find explores)."""
+    _set_trainable(learn, recipe_phases(recipe, pretrained)[index]['trainable'])
+
+
+def run_phases(learn: Learner, recipe: Recipe, pretrained: bool | str | Path, config: dict | None = None,
+               state: dict | None = None) -> Learner:
+    """The recipe's phases on `learn` (from `prepare_learner`), into its folder `learn.path`, as `train` runs
+    them: models/best.pth, history.csv, the reports. `config`: written to config.json with the validation photos
+    (a new run); `state`: the resume point to continue from (None: a new run). Returns the Learner holding the
+    best weights."""
+    run_dir, resume = Path(learn.path), state is not None
+    state_path = run_dir / 'state.json'
     main_process = rank_distrib() == 0   # under `accelerate launch`, only the main process writes files
-    if not resume and main_process:
+    if config is not None and main_process:
         write_json(run_dir / 'config.json', config)
         # the validation photos, for export-time calibration and later re-scoring
         atomic_write(run_dir / VALID_ITEMS,
@@ -456,7 +469,7 @@ def _data_parallel(learn: Learner):
 
 def _fit_phases(learn, recipe, pretrained, state, state_path, tracker, recipe_cbs, resume):
     """Each phase of `_phases` as one `fit_one_cycle`, from where `state` says the run stands."""
-    for i, phase in enumerate(_phases(recipe, pretrained)):
+    for i, phase in enumerate(recipe_phases(recipe, pretrained)):
         if i < state['phase']:
             continue
         start_epoch = 0
@@ -497,7 +510,7 @@ def find_lr(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretraine
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     learn, _ = prepare_learner(recipe, data_dir, run_dir, pretrained, split, num_workers, limit_items)
-    _set_trainable(learn, _phases(recipe, pretrained)[0]['trainable'])
+    freeze_for_phase(learn, recipe, pretrained)   # the first phase: what it trains is what lr_find explores
     suggestions = learn.lr_find(suggest_funcs=(minimum, steep, valley, slide), show_plot=True)
     plt.savefig(run_dir / 'lr_find.png', dpi=100, bbox_inches='tight')
     plt.close('all')
@@ -516,9 +529,8 @@ def report_run(learn: Learner, run_dir: Path, seconds: float | None = None) -> d
     plt.savefig(run_dir / 'confusion_matrix.png', dpi=100, bbox_inches='tight')
     plt.close('all')
     # a class with no validation photo has no accuracy: null, not NaN (prepare_learner refuses such a split)
-    per_class = {c: float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None for i, c in enumerate(CLASSES)}
-    metrics = {'valid_accuracy': float(np.trace(cm) / cm.sum()) if cm.sum() else None, 'n_valid': int(cm.sum()),
-               'per_class_accuracy': per_class}
+    valid_accuracy, n_valid, per_class = accuracy_by_class(cm)
+    metrics = {'valid_accuracy': valid_accuracy, 'n_valid': n_valid, 'per_class_accuracy': per_class}
     if seconds is not None:
         metrics['train_seconds'] = round(seconds, 1)
     write_json(run_dir / 'metrics.json', metrics)   # strict JSON: a NaN is refused, never written

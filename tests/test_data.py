@@ -106,3 +106,37 @@ def test_a_split_too_small_for_every_class_on_both_sides_is_a_clear_error():
         stratified_split(labels, valid_pct=0.2)
     train, valid = stratified_split(labels, valid_pct=0.4)
     assert {labels[i] for i in valid} == {labels[i] for i in train} == set(CLASSES)
+
+
+def test_one_scanner_strict_for_training_and_evaluation_lenient_for_prediction(tmp_path):
+    """data_files.scan_folder on a folder with odd entries. strict: class folders only, hidden entries and files
+    at the top skipped, non-images listed apart, an unknown class folder refused. lenient: every image file
+    under the folder, hidden ones included, exactly the pathlib rglob listing the prediction CLI used before."""
+    from flowers_fastai.data_files import IMAGE_EXTENSIONS, scan_folder
+    from flowers_fastai.predict import expand
+    root = make_folder(tmp_path / 'data', names=('Roses', 'tulip'), per_class=1)
+    (root / 'Roses' / 'deeper').mkdir()
+    (root / 'Roses' / 'deeper' / 'UPPER.JPG').write_bytes(b'x')
+    (root / 'Roses' / '.hidden.jpg').write_bytes(b'x')
+    (root / 'Roses' / '.cache').mkdir()
+    (root / 'Roses' / '.cache' / 'thumb.png').write_bytes(b'x')
+    (root / 'tulip' / 'notes.txt').write_text('not a photo')
+    (root / 'top.jpg').write_bytes(b'x')
+    (root / 'tulip' / 'linked').symlink_to(root / 'Roses', target_is_directory=True)   # not followed
+
+    strict = scan_folder(root)
+    assert strict.items == [(root / 'Roses' / '0.jpg', 'rose'), (root / 'Roses' / 'deeper' / 'UPPER.JPG', 'rose'),
+                            (root / 'tulip' / '0.jpg', 'tulip')]
+    assert strict.non_images == [root / 'tulip' / 'notes.txt'] and strict.unreadable == []
+    assert strict.folders == {'rose': [root / 'Roses'], 'tulip': [root / 'tulip']}
+
+    lenient = scan_folder(root, strict=False)
+    rglob = sorted(p for p in root.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    assert [p for p, _ in lenient.items] == rglob == expand([root])
+    assert {p.name for p in rglob} == {'0.jpg', 'UPPER.JPG', '.hidden.jpg', 'thumb.png', 'top.jpg'}
+    assert all(label is None for _, label in lenient.items)
+
+    (root / 'cats').mkdir()
+    with pytest.raises(DatasetError, match=r"\['cats'\] name no class"):
+        scan_folder(root, error=DatasetError)
+    assert len(scan_folder(root, strict=False).items) == len(rglob)   # lenient: any folder name

@@ -249,3 +249,22 @@ def test_int8_row_reports_the_vit_accuracy_beside_fp32_and_their_agreement(label
     assert ev.main(['--weights', str(tiny_cnn_file), '--data', str(labelled_folder), '--int8',
                     '--out', str(tmp_path / 'cnn')]) == 2
     assert 'int8 is offered for the CLIP ViT only' in capsys.readouterr().err
+
+
+def test_metrics_module_counts_as_by_hand():
+    """flowers_fastai.metrics, the one place for accuracy, per-class accuracy, the confusion matrix and NLL
+    (ECE: calibration): hand-computed values, and training's report convention (None, not NaN, for 0/0)."""
+    from flowers_fastai import metrics
+    targets, predicted = [0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 1, 2, 0, 2]
+    cm = metrics.confusion_matrix(targets, predicted)
+    assert cm.tolist() == [[1, 1, 0, 0, 0], [0, 2, 0, 0, 0], [1, 0, 2, 0, 0], [0] * 5, [0] * 5]
+    assert metrics.accuracy(targets, predicted) == pytest.approx(5 / 7)
+    overall, n, per_class = metrics.accuracy_by_class(cm)
+    assert overall == pytest.approx(5 / 7) and n == 7
+    assert per_class == pytest.approx({'daisy': 0.5, 'dandelion': 1.0, 'rose': 2 / 3, 'sunflower': None,
+                                       'tulip': None})
+    assert metrics.accuracy_by_class([[0] * 5] * 5) == (None, 0, dict.fromkeys(CLASSES))
+    probabilities = torch.tensor([[0.7, 0.3, 0, 0, 0], [1e-13, 1 - 1e-13, 0, 0, 0]], dtype=torch.float64)
+    assert metrics.nll(probabilities, torch.tensor([0, 0])) == pytest.approx((-torch.tensor(0.7).log().item()
+                                                                             - torch.tensor(1e-12).log().item()) / 2)
+    assert ev.classification_metrics is metrics.classification_metrics and ev.ECE_BINS == metrics.ECE_BINS == 15

@@ -2,6 +2,8 @@
 shapes, same outputs, on the fast oneDNN path (inference) and on the plain one (autograd)."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -78,7 +80,6 @@ def test_loaded_model_predicts_without_page_faulting_its_activations_in_again(ti
     """keep_freed_memory: a few-MB activation freed after one prediction is reused by the next one instead of
     being unmapped and faulted in again (thousands of page faults per prediction otherwise, on glibc)."""
     import resource
-    import sys
 
     from flowers_fastai.inference_nets import keep_freed_memory
     from flowers_fastai.submit import load_cnn_model
@@ -93,6 +94,35 @@ def test_loaded_model_predicts_without_page_faulting_its_activations_in_again(ti
             model(x)
         faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
     assert faults < 50, f'{faults:.0f} page faults per forward'
+
+
+def test_loading_leaves_malloc_alone_unless_the_caller_opts_in(tiny_cnn_file, tiny_vit_file, monkeypatch):
+    """No process-wide mallopt at load (issue 14): loading and packing never reach glibc's mallopt; the explicit
+    `keep_freed_memory()` does, with the documented values (so this spy would see a loader that called it)."""
+    import ctypes
+
+    from flowers_fastai import inference_nets
+    from flowers_fastai.submit import load_cnn_model, load_vit_model
+    calls, real_cdll = [], ctypes.CDLL
+
+    class SpyLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, 'CDLL', lambda name, *a, **k: SpyLibc() if 'libc' in str(name)
+                        else real_cdll(name, *a, **k))
+    monkeypatch.setattr(inference_nets, '_MALLOC_TUNED', None)   # as in a fresh process
+    monkeypatch.delenv('FLOWERS_KEEP_MALLOC', raising=False)
+    load_cnn_model(tiny_cnn_file)
+    load_vit_model(tiny_vit_file)
+    pack_for_cpu(ConvNeXtV2(*CONVNEXTV2_SIZES['atto']).eval())
+    assert calls == [] and inference_nets._MALLOC_TUNED is None
+    if sys.platform.startswith('linux'):
+        assert inference_nets.keep_freed_memory() is True
+        assert calls == [(-3, 32 * 2**20), (-1, 2**30)]   # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+        inference_nets.keep_freed_memory()
+        assert len(calls) == 2                             # once per process
 
 
 @pytest.mark.parametrize('quick_gelu', [True, False], ids=['openai-quickgelu', 'openclip-gelu'])
@@ -180,3 +210,20 @@ def test_a_missing_or_broken_onednn_op_falls_back_to_the_plain_path(tiny_cnn_fil
             torch.testing.assert_close(got, expected[name], atol=1e-5, rtol=0)
         monkeypatch.undo()
     assert inference_nets.onednn_usable()   # the real ops are back, and so is the fast path
+
+
+def test_requirements_and_pyproject_give_the_torch_range_the_onednn_ops_were_run_with():
+    """The fast path's private ops were run with the torch of requirements.txt's range; pyproject.toml must say
+    the same, and the torch running these tests must lie in it (else they vouch for nothing)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from .conftest import REPO
+    listed = [Requirement(line) for line in (REPO / 'requirements.txt').read_text().splitlines()
+              if line.strip() and not line.startswith('#')]
+    declared = tomllib.loads((REPO / 'pyproject.toml').read_text())['project']['dependencies']
+    torch_req = [r for r in listed if r.name == 'torch']
+    assert [str(r.specifier) for r in torch_req] == [str(Requirement(d).specifier) for d in declared
+                                                      if Requirement(d).name == 'torch']
+    assert torch_req[0].specifier.contains(torch.__version__.split('+')[0])

@@ -19,8 +19,9 @@ from PIL import Image
 
 from flowers_fastai import architectures, pretrained
 from flowers_fastai.architectures import (ArchitectureError, CONVNEXTV2_SIZES, ClipClassifier, build_clip_tower,
-                                          build_cnn, clip_spec_from_open_clip, family_of, infer_clip_spec,
+                                          build_cnn, clip_spec_from_open_clip, infer_clip_spec,
                                           infer_cnn_arch)
+from flowers_fastai.families import family_of
 from flowers_fastai.labels import CLASSES
 from flowers_fastai.models import create_model
 from flowers_fastai.recipes import RECIPES

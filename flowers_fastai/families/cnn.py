@@ -1,0 +1,85 @@
+"""The CNN family: timm ConvNeXt V2 with a `Linear(in_features, 5)` head.
+
+Delivered as exactly the keys of `timm.create_model('convnextv2_<size>', num_classes=5).state_dict()`; `submit`
+serves it through `inference_nets.ConvNeXtV2` (same keys, no timm import).
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..architectures import ArchitectureError, build_cnn, infer_cnn_arch, load_exactly
+from ..preprocess import Preprocessing, cnn_preprocessing
+from ..recipes import CNN, Recipe
+from . import Delivery, Family, StateDict, sidecar_preprocessing, with_published_weights
+
+
+def create(recipe: Recipe, pretrained=True) -> nn.Module:
+    """timm's network, built without download, then the published backbone loaded by our own strict loader:
+    timm's `pretrained=True` with a new head loads with `strict=False`, which would hide a wrong file."""
+    from ..pretrained import cnn_pretrained_file, load_cnn_backbone
+    return with_published_weights(build_cnn(recipe.arch, drop_path_rate=recipe.drop_path), pretrained,
+                                  lambda: cnn_pretrained_file(recipe.arch, recipe.pretrained_tag), load_cnn_backbone)
+
+
+def splitter(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Parameter groups, bottom to top: [stem], [stage 0] ... [stage 3], [head] (timm ConvNeXt V2).
+    fastai freezes all groups but the last N with `freeze_to(-N)`; layer-wise LR decay gives one LR per group."""
+    top = list(model.stages[-1].parameters()) + list(model.norm_pre.parameters())
+    return ([list(model.stem.parameters())] + [list(stage.parameters()) for stage in model.stages[:-1]]
+            + [top, list(model.head.parameters())])
+
+
+@functools.lru_cache(maxsize=None)
+def timm_weights_preprocessing(arch: str, tag: str, size: int) -> Preprocessing:
+    """timm's eval preprocessing of the published weights `arch.tag` (mean, std, crop_pct; the architecture's
+    default weights when `tag` is empty or unknown) at `size` px. Read from timm's pretrained config, without
+    building the network."""
+    import timm
+    from timm.data import resolve_data_config
+    name = f'{arch.split(".")[0]}.{tag}' if tag else arch.split('.')[0]
+    try:
+        cfg = timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(arch.split('.')[0])
+    except RuntimeError:   # a tag timm does not know (a run from scratch may name any)
+        cfg = timm.models.get_pretrained_cfg(arch.split('.')[0])
+    data = resolve_data_config(pretrained_cfg=cfg.to_dict() if cfg else {}, use_test_size=False)
+    return Preprocessing(size, float(data['crop_pct']), tuple(map(float, data['mean'])), tuple(map(float, data['std'])))
+
+
+def trained_network(config: dict, state: StateDict, what: str) -> nn.Module:
+    model = build_cnn(config['recipe']['arch'])
+    load_exactly(model, state, what)
+    return model
+
+
+def _owns(state_dict: StateDict) -> bool:
+    return 'stem.0.weight' in state_dict and any(k.startswith('stages.') for k in state_dict)
+
+
+def build_delivery(state_dict: StateDict, sidecar: dict, path: Path) -> tuple[nn.Module, Preprocessing]:
+    from ..inference_nets import ConvNeXtV2
+    from ..architectures import CONVNEXTV2_SIZES
+    try:
+        size = infer_cnn_arch(state_dict).removeprefix('convnextv2_')
+    except ArchitectureError as err:
+        raise ValueError(f'{path}: {err}') from None
+    with torch.device('meta'):   # no random initialisation: every tensor comes from the file
+        model = ConvNeXtV2(*CONVNEXTV2_SIZES[size]).float()   # float32 even under set_default_dtype(float64)
+    load_exactly(model, state_dict, str(path), assign=True)
+    # without a sidecar: the default weights' preprocessing at 224 px (a test checks it against timm's config)
+    return model, sidecar_preprocessing(sidecar, cnn_preprocessing(sidecar.get('image_size', 224)))
+
+
+def _sidecar(config: dict, model: nn.Module) -> dict:
+    return {'arch': config['recipe']['arch'].split('.')[0]}
+
+
+FAMILY = Family(
+    name='cnn', title='a ConvNeXt V2 CNN', recipe=CNN, create=create, splitter=splitter,
+    preprocessing=timm_weights_preprocessing, trained_network=trained_network,
+    delivery=Delivery(weights_file='cnn_flowers.pth', loader='load_cnn_model', head_key='head.fc.weight',
+                      owns=_owns, build=build_delivery, sidecar=_sidecar,
+                      run_config=lambda state, sidecar: {'recipe': {'arch': infer_cnn_arch(state)}}))

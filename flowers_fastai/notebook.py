@@ -1,0 +1,93 @@
+"""The notebook face of training: the fastai `Learner` that `train.py` trains, to explore as in the fastai course
+(`learn.dls.show_batch()`, `learn.lr_find()`, `ClassificationInterpretation.from_learner(learn)`), and the
+recipe's phases run on it. docs/notebook.ipynb walks through it.
+
+    learn = learner('cnn', 'path/to/flowers', arch='convnextv2_atto', size=128)
+    learn.lr_find()
+    fit_recipe(learn)
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+
+from fastai.learner import Learner
+
+from . import training
+from .recipes import RECIPES, Recipe
+
+# Besides the recipe's fields, what train.py's command line also decides about the Learner, with its defaults.
+# `limit`: a class-balanced subset of that many photos; `run_dir`: None is a new temporary folder.
+OPTIONS = {'pretrained': True, 'run_dir': None, 'limit': None, 'split': 'grouped', 'num_workers': 0}
+RECIPE_FIELDS = tuple(f.name for f in fields(Recipe) if f.name != 'family')   # the family is `learner`'s argument
+
+
+def learner(family: str, data: str | Path, **overrides) -> Learner:
+    """The fastai Learner (with its DataLoaders) that `train.py <family> --data <data>` would train: the same
+    seeded split, DataBlock, model, loss, optimizer, splitter (for the layer-wise LRs) and callbacks, frozen as
+    the recipe's first phase trains it (the head only, when pretrained), as `vision_learner` gives it.
+
+    `overrides`: recipe fields (`arch`, `size`, `bs`, `epochs`, ... see flowers_fastai/recipes.py) and
+    `pretrained` (True: the published weights, downloaded; a path: a local copy of them; False: from scratch),
+    `run_dir` (where `fit_recipe` writes the run, as train.py's runs/<name>; default: a new temporary folder),
+    `limit`, `split`, `num_workers` (as train.py's --limit, --split, --num-workers).
+    """
+    if family not in RECIPES:
+        raise ValueError(f'unknown family {family!r}; expected one of {sorted(RECIPES)}')
+    unknown = sorted(set(overrides) - set(RECIPE_FIELDS) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f'learner() got unknown override(s) {", ".join(unknown)}; valid: {", ".join(OPTIONS)} '
+                        f'and the recipe fields {", ".join(RECIPE_FIELDS)}')
+    options = {name: overrides.pop(name, default) for name, default in OPTIONS.items()}
+    recipe = RECIPES[family].override(**overrides)
+    pretrained = options['pretrained']
+    if recipe.init_from:   # as train.py: the trained weights are the start, then trained as from scratch
+        if isinstance(pretrained, (str, os.PathLike)):
+            raise ValueError('init_from and a pretrained file both give the starting weights: choose one')
+        pretrained = False
+    if options['run_dir'] is None:
+        run_dir = Path(tempfile.mkdtemp(prefix=f'flowers-{family}-'))
+    else:
+        run_dir = Path(options['run_dir'])
+        if (run_dir / 'models').exists():   # as train.py: a run folder holds one run
+            raise FileExistsError(f'{run_dir} already holds a run: pass another run_dir')
+        run_dir.mkdir(parents=True, exist_ok=True)
+    learn, config = training.prepare_learner(recipe, data, run_dir, pretrained=pretrained, split=options['split'],
+                                             num_workers=options['num_workers'], limit_items=options['limit'])
+    training.freeze_for_phase(learn, recipe, pretrained)
+    # what fit_recipe needs to run the phases as train.py does (and to write config.json for export.py)
+    learn.recipe, learn.pretrained, learn.run_config = recipe, pretrained, config
+    return learn
+
+
+def phases(learn: Learner) -> list[dict]:
+    """The recipe's phases for `learn`, in order: name, epochs, how many parameter groups from the top train
+    (None: all), LR divisor."""
+    return training.recipe_phases(learn.recipe, learn.pretrained)
+
+
+def fit_recipe(learn: Learner) -> Learner:
+    """Train `learn` (from `learner`) through the recipe's phases exactly as train.py does, into `learn.path`:
+    models/best.pth, history.csv, config.json, confusion_matrix.{csv,png}, metrics.json; `python export.py --run
+    <learn.path>` delivers it. Returns `learn`, holding the best epoch's weights."""
+    if not hasattr(learn, 'recipe'):
+        raise TypeError('fit_recipe trains a Learner made by flowers_fastai.learner(...)')
+    if (Path(learn.path) / 'state.json').exists():
+        raise FileExistsError(f'{learn.path} already holds a trained run: make a new learner to train again')
+    with _notebook_plots_kept():
+        return training.run_phases(learn, learn.recipe, learn.pretrained, config=learn.run_config)
+
+
+@contextmanager
+def _notebook_plots_kept():
+    """The run's reports draw their PNGs with matplotlib.use('Agg'): the notebook's own backend (inline plots)
+    comes back afterwards."""
+    import matplotlib
+    backend = matplotlib.get_backend()
+    try:
+        yield
+    finally:
+        matplotlib.use(backend)
