@@ -93,17 +93,22 @@ def post_file(client, name: str, data: bytes, content_type: str = 'image/jpeg'):
     return client.post('/predict', files={'file': (name, data, content_type)})
 
 
-def test_each_example_photo_gets_its_class_and_five_probabilities(shipped_cnn, private_tmp, work_dir, model_calls):
+def test_each_example_photo_gets_the_models_class_and_five_probabilities(shipped_cnn, private_tmp, work_dir,
+                                                                         model_calls):
+    """The demo answers what the model answers (how often the model is right is measured on 778 photos in
+    docs/results.md, not on these five)."""
+    from flowers_fastai.submit import predict_proba
     with demo_client(shipped_cnn) as client:   # the default 10 MB limit
         responses = {photo: post_file(client, photo.name, photo.read_bytes()) for photo in true_classes()}
-    for (photo, label), (path_read, bytes_read) in zip(true_classes().items(), model_calls, strict=True):
+    for photo, (path_read, bytes_read) in zip(true_classes(), model_calls, strict=True):
         response = responses[photo]
         assert response.status_code == 200, response.text
         body = response.json()
-        assert body['class'] == label, photo.name
+        expected = predict_proba(shipped_cnn, photo)
+        assert body['class'] == max(expected, key=expected.get), photo.name
         assert list(body['probabilities']) == CLASSES
+        assert body['probabilities'] == pytest.approx(expected, abs=1e-5)
         assert sum(body['probabilities'].values()) == pytest.approx(1.0, abs=1e-5)
-        assert max(body['probabilities'], key=body['probabilities'].get) == label
         # the model read the upload, byte for byte, from a folder inside the temp dir, gone after the answer
         assert bytes_read == photo.read_bytes()
         assert path_read.is_relative_to(private_tmp) and not path_read.exists()
@@ -279,6 +284,7 @@ def test_the_page_in_headless_chromium_shows_the_class_the_bars_and_the_errors(s
     from selenium.webdriver.support.ui import WebDriverWait
 
     from flowers_fastai.app import create_app
+    from flowers_fastai.submit import predict
     text_file = tmp_path / 'notes.txt'
     text_file.write_text('not a photo\n')
     with served(create_app(shipped_cnn, max_bytes=LIMIT)) as url, \
@@ -296,15 +302,16 @@ def test_the_page_in_headless_chromium_shows_the_class_the_bars_and_the_errors(s
             return browser.find_element(By.ID, 'result-class').text or browser.find_element(By.ID, 'error').text
 
         rose = photo_of('rose')
-        assert upload(rose) == 'rose'
+        answer = predict(shipped_cnn, rose)   # the page shows the model's answer, right or wrong
+        assert upload(rose) == answer
         rows = browser.find_elements(By.CSS_SELECTOR, '#probabilities .bar-row')
         assert [row.get_attribute('data-class') for row in rows] == CLASSES
         percents = [float(row.find_element(By.CLASS_NAME, 'pct').text.rstrip('%')) for row in rows]
-        assert sum(percents) == pytest.approx(100, abs=0.5) and max(percents) == percents[CLASSES.index('rose')]
+        assert sum(percents) == pytest.approx(100, abs=0.5) and max(percents) == percents[CLASSES.index(answer)]
 
         assert 'notes.txt is not an image' in upload(text_file)
         assert upload(photo_of('sunflower')) == 'The file is too large: the limit is 30 KB.'
-        assert upload(photo_of('daisy')) == 'daisy'   # the page recovers after errors
+        assert upload(photo_of('daisy')) == predict(shipped_cnn, photo_of('daisy'))   # the page recovers after errors
     assert list(private_tmp.iterdir()) == []
 
 
