@@ -14,7 +14,8 @@ the file afterwards changes nothing); no code in a file ever runs; zip and legac
 - ViT: the open_clip image tower's `visual.state_dict()` under `visual.`, plus `head.weight` / `head.bias`.
 The architecture is read off the tensors. An optional sidecar `<name>.json` beside the file (written by
 `export.py`) gives what tensors cannot tell: the CNN's input size (default 224); for CLIP, QuickGELU
-(True for OpenAI weights, the default) or GELU (OpenCLIP weights); and `temperature`, the calibration
+(True for OpenAI weights, the default) or GELU (OpenCLIP weights); the input pipeline the weights were
+trained with (`crop_pct`, `mean`, `std`; default: the family's); and `temperature`, the calibration
 temperature T fitted on the validation split (probabilities are softmax(logits / T); default 1.0).
 
 Errors (the contract a grader's loop can rely on):
@@ -65,7 +66,8 @@ def find_weights(weights_path: str | os.PathLike, family: str | None = None) -> 
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    how = f'. Train and export one with: python train.py {family} && python export.py --family {family}' if family else ''
+    how = (f'. Train and export one with: python train.py {family} && python export.py --family {family}'
+           if family else '')
     raise FileNotFoundError(f'weights file {weights_path} not found (looked in: {", ".join(map(str, candidates))})'
                             + how)
 
