@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt('--drop-path', 'drop_path', float, 'stochastic depth rate (ConvNeXt V2)')
     opt('--valid-pct', 'valid_pct', float, 'validation fraction of the stratified split')
     opt('--seed', 'seed', int, 'seed of Python, NumPy, PyTorch and the split')
+    opt('--split-seed', 'split_seed', int, "the split's own seed (e.g. a teacher's split for students of several "
+                                          'seeds); -1 = --seed')
     opt('--min-scale', 'min_scale', float, "RandomResizedCrop's smallest crop, as a fraction of the photo")
     opt('--randaugment', 'randaugment', int, 'RandAugment operations per training photo; 0 = off')
     opt('--randaugment-magnitude', 'randaugment_magnitude', int, 'RandAugment magnitude (0-30)')

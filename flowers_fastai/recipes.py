@@ -19,7 +19,7 @@ class Recipe:
     label_smoothing: float
     drop_path: float
     valid_pct: float = 0.2
-    seed: int = 0
+    seed: int = 0                  # seeds Python, NumPy, PyTorch (initialisation, augmentation) and the split
     min_scale: float = 0.35        # RandomResizedCrop's smallest crop (fraction of the photo)
     llrd: float = 0.75             # layer-wise LR decay: each block below the top gets `llrd` x the LR above it
     phase_a_blocks: int = 0        # phase A also trains the top N backbone blocks/stages (CNN option: 1)
@@ -52,6 +52,8 @@ class Recipe:
     distill_temperature: float = 1.0
     distill_features: float = 0.0
     teacher_size: int = 0          # the teacher's input size (the student's batch resized); 0 = the student's
+    split_seed: int = -1           # the split's own seed, -1 = `seed`: students of several seeds on their teacher's
+                                   # split (another split would put the teacher's training photos in validation)
 
     @property
     def lr_scale(self) -> float:

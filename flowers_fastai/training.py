@@ -292,8 +292,9 @@ def prepare_learner(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, p
     config.json records. `split`: 'grouped' audits the photos first (audit.py): copies of one photo stay on one
     side and photos filed under two classes are left out; 'stratified' splits photos independently."""
     set_seed(recipe.seed, reproducible=False)
+    split_seed = recipe.seed if recipe.split_seed < 0 else recipe.split_seed
     scanned = scan_image_folder(data_dir)
-    items = scanned.items if limit_items is None else _stratified_subset(scanned.items, limit_items, recipe.seed)
+    items = scanned.items if limit_items is None else _stratified_subset(scanned.items, limit_items, split_seed)
     groups, left_out, dropped = None, 0, Counter()
     if split == 'grouped':
         audit = audit_items(items)
@@ -309,7 +310,7 @@ def prepare_learner(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, p
 
     def dataloaders_at(size: int | None = None):   # progressive resizing rebuilds them at another size
         return flower_dataloaders(items, preprocessing_for(recipe, size), bs=recipe.bs, valid_pct=recipe.valid_pct,
-                                  seed=recipe.seed, num_workers=num_workers, min_scale=recipe.min_scale,
+                                  seed=split_seed, num_workers=num_workers, min_scale=recipe.min_scale,
                                   groups=groups, randaugment=recipe.randaugment,
                                   randaugment_magnitude=recipe.randaugment_magnitude,
                                   color_jitter=recipe.color_jitter, random_erasing=recipe.random_erasing)
