@@ -45,15 +45,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt('--pretrained-tag', 'pretrained_tag', str, 'timm tag / open_clip pretrained tag to download')
     opt('--size', 'size', int, 'image size in pixels')
     opt('--bs', 'bs', int, 'batch size')
-    opt('--epochs', 'epochs', int, 'phase B fine-tuning epochs (or all epochs from scratch)')
-    opt('--freeze-epochs', 'freeze_epochs', int, 'phase A: epochs with the backbone frozen (linear probe)')
+    opt('--epochs', 'epochs', int, 'epochs of the partial/full phase (from scratch: of the scratch phase)')
+    opt('--freeze-epochs', 'freeze_epochs', int, 'epochs of the frozen phase: the head only (linear probe)')
     opt('--lr', 'lr', float, 'peak learning rate of the head (one-cycle: warmup then cosine decay)')
     opt('--backbone-lr-div', 'backbone_lr_div', float, 'head LR / LR of the top backbone block')
     opt('--llrd', 'llrd', float, 'layer-wise LR decay: LR ratio of each backbone block to the block above it')
-    opt('--phase-a-blocks', 'phase_a_blocks', int, 'top backbone blocks/stages trained with the head in phase A')
-    opt('--unfreeze-blocks', 'unfreeze_blocks', int, 'top blocks trained in phase B (0 = the whole backbone)')
-    opt('--final-epochs', 'final_epochs', int, 'phase C epochs: everything unfrozen at LR / --final-lr-div (with --lora-rank: LoRA merged first, the light full fine-tune)')
-    opt('--final-lr-div', 'final_lr_div', float, 'LR divisor of phase C')
+    opt('--frozen-phase-blocks', 'frozen_phase_blocks', int, 'top backbone blocks/stages trained with the head in '
+                                                                'the frozen phase (old name: --phase-a-blocks)')
+    r.add_argument('--phase-a-blocks', dest='frozen_phase_blocks', type=int, help=argparse.SUPPRESS)  # old name
+    opt('--unfreeze-blocks', 'unfreeze_blocks', int, 'N > 0: a partial phase trains the top N blocks; 0: a full '
+                                                        'phase trains everything')
+    opt('--final-epochs', 'final_epochs', int, 'epochs of the final phase: everything at LR / --final-lr-div (with '
+                                                  '--lora-rank: LoRA merged first, the light full fine-tune)')
+    opt('--final-lr-div', 'final_lr_div', float, 'LR divisor of the final and resized phases')
     opt('--warmup-pct', 'warmup_pct', float, 'share of each phase spent warming up before the cosine decay')
     opt('--lr-base-bs', 'lr_base_bs', int, 'LRs are scaled by bs x accumulate / this (linear rule); 0 = no scaling')
     opt('--accumulate', 'accumulate', int, 'gradient accumulation: one optimizer step every N batches')
@@ -81,7 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt('--patience', 'patience', int, 'early stopping after this many epochs without better validation accuracy; 0 = off')
     opt('--resize-to', 'resize_to', int, 'progressive resizing: the size of the last --resize-epochs epochs, and of '
                                         'the delivered file (end at the loader default, 224, for a CNN)')
-    opt('--resize-epochs', 'resize_epochs', int, 'progressive resizing: epochs at --resize-to, LR / --final-lr-div; 0 = off')
+    opt('--resize-epochs', 'resize_epochs', int, 'progressive resizing: epochs of the resized phase, at --resize-to, '
+                                            'LR / --final-lr-div; 0 = off')
     parser.add_argument('--init-from', help='start from the trained weights of the same network, head included (a run '
                                             'folder or an exported .pth), then train as from scratch: one phase, '
                                             'everything (default: none)')
@@ -129,7 +134,7 @@ def main(argv=None) -> int:
         from flowers_fastai.exporting import read_json
         try:
             settings = read_json(settings_file, 'train it again under another --name')
-            recipe, args.data = Recipe(**settings['recipe']), Path(settings['data'])
+            recipe, args.data = Recipe.from_dict(settings['recipe']), Path(settings['data'])
             pretrained = {'True': True, 'False': False}.get(str(settings['pretrained']), settings['pretrained'])
         except (ValueError, KeyError, TypeError) as err:   # RunFolderError, or fields missing / of another version
             sys.exit(f'error: {settings_file} cannot be resumed ({type(err).__name__}: {err}); '

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import torch
 from fastai.callback.mixup import CutMix, MixUp
-from fastai.torch_core import rank_distrib
 from fastai.vision.all import Callback, SaveModelCallback
 
 from .lora import has_lora, merge_lora_state
@@ -56,9 +54,10 @@ class WeightEMA(Callback):
     """
     order = SaveModelCallback.order + 5   # after_epoch: after the best/last checkpoints were written
 
-    def __init__(self, decay: float = 0.999, warmup: bool = True, state_path: Path | None = None,
-                 lora_alpha: float = 16.0):
-        self.decay, self.warmup, self.state_path, self.lora_alpha = decay, warmup, state_path, lora_alpha
+    def __init__(self, decay: float = 0.999, warmup: bool = True, lora_alpha: float = 16.0,
+                 saved: dict | None = None):
+        """`saved`: the average to resume from, as `state()` gave it (the run's resume point holds it)."""
+        self.decay, self.warmup, self.lora_alpha, self.saved = decay, warmup, lora_alpha, saved
         self.ema, self.steps, self._training_weights = None, 0, None
 
     def before_fit(self):
@@ -67,23 +66,14 @@ class WeightEMA(Callback):
         if self.ema is not None and has_lora(self.ema.module) and not has_lora(self.learn.model):
             self._start(self.ema.module.state_dict())
         elif self.ema is None:
-            saved = self.read_state()
-            self._saved = None
+            saved, self.saved = self.saved, None
             if saved:
                 self.steps = saved['steps']
             self._start(saved['ema'] if saved else None)
 
-    def read_state(self) -> dict | None:
-        """The saved average to resume from (None: there is none), read with weights_only (a crafted file is
-        refused) and checked. Training calls it before fitting, so that a broken file is said at once."""
-        if getattr(self, '_saved', None) is None and self.state_path is not None and Path(self.state_path).is_file():
-            from .exporting import RunFolderError, load_checkpoint
-            todo = 'the run cannot continue its weight average: train it again under another --name'
-            saved = load_checkpoint(self.state_path, todo)
-            if not isinstance(saved.get('ema'), dict) or not isinstance(saved.get('steps'), int):
-                raise RunFolderError(f'{self.state_path} holds no weight average (ema, steps): {todo}')
-            self._saved = saved
-        return getattr(self, '_saved', None)
+    def state(self) -> dict:
+        """What a resume needs to go on averaging: the average and its step count."""
+        return {'ema': self.ema.module.state_dict(), 'steps': self.steps}
 
     def _start(self, state: dict | None):
         from timm.utils.model_ema import ModelEmaV3
@@ -106,9 +96,5 @@ class WeightEMA(Callback):
         if self._training_weights is not None:
             self.learn.model.load_state_dict(self._training_weights)
             self._training_weights = None
-        if self.state_path is not None and not rank_distrib():
-            from .exporting import atomic_write   # an interrupted write leaves the previous average whole
-            state = {'ema': self.ema.module.state_dict(), 'steps': self.steps}
-            atomic_write(self.state_path, lambda tmp: torch.save(state, tmp))
 
     after_cancel_fit = after_epoch

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, ImageBlock, Normalize, PILImage, RandomErasing,
-                               RandomResizedCrop, Transform, aug_transforms)
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+                               RandomResizedCrop, TrainTestSplitter, Transform, aug_transforms)
+from sklearn.model_selection import StratifiedGroupKFold
 
 from .data_files import scan_folder
 from .labels import CLASSES
@@ -83,9 +83,8 @@ def _check_split_size(labels: list[str], valid_pct: float) -> None:
 def stratified_split(labels: list[str], valid_pct: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
     """Train and validation indices with each class in the same proportion on both sides, fixed by `seed`."""
     _check_split_size(labels, valid_pct)
-    idx = np.arange(len(labels))
-    train, valid = train_test_split(idx, test_size=valid_pct, random_state=seed, stratify=labels, shuffle=True)
-    return sorted(train.tolist()), sorted(valid.tolist())
+    train, valid = TrainTestSplitter(test_size=valid_pct, random_state=seed, stratify=labels)(labels)
+    return sorted(train), sorted(valid)
 
 
 def grouped_stratified_split(labels: list[str], groups, valid_pct: float = 0.2,
@@ -99,8 +98,9 @@ def grouped_stratified_split(labels: list[str], groups, valid_pct: float = 0.2,
 
 
 class StratifiedSplitter:
-    """fastai splitter over a DataFrame of photos: stratified on its `label` column and, when it has a `group`
-    column (see `audit.py`), with each group of copies on one side."""
+    """fastai splitter over a DataFrame of photos: stratified on its `label` column (fastai's
+    `TrainTestSplitter(stratify=)`) and, when it has a `group` column (see `audit.py`), with each group of copies
+    on one side, which fastai's splitters cannot do (sklearn's `StratifiedGroupKFold`)."""
 
     def __init__(self, valid_pct: float = 0.2, seed: int = 0):
         self.valid_pct, self.seed = valid_pct, seed

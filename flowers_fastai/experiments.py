@@ -16,7 +16,7 @@ import pandas as pd
 from .exporting import read_json, write_json
 from .labels import CLASSES
 from .recipes import Recipe
-from .training import train
+from .training import resume_point_path, train
 
 
 def run_seeds(recipe: Recipe, data_dir, exp_dir, seeds: list[int], pretrained=True, resume: bool = False,
@@ -33,7 +33,7 @@ def run_seeds(recipe: Recipe, data_dir, exp_dir, seeds: list[int], pretrained=Tr
             continue
         print(f'=== seed {seed}: {run_dir}')
         train(replace(recipe, seed=seed), data_dir, run_dir, pretrained=pretrained,
-              resume=resume and (run_dir / 'state.json').exists(), **train_kwargs)
+              resume=resume and resume_point_path(run_dir).exists(), **train_kwargs)
     return summarize(exp_dir)
 
 

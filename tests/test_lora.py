@@ -11,6 +11,7 @@ from flowers_fastai.lora import TARGETS, apply_lora, is_lora_parameter, merge_lo
 from flowers_fastai.preprocess import load_for_model
 from flowers_fastai.recipes import VIT
 
+from .conftest import resume_point
 from .test_training import PLAIN, _fastai_logits
 
 
@@ -123,7 +124,7 @@ def test_lora_then_light_full_fine_tune_merges_trains_every_weight_and_exports(c
     # weights LoRA never touches (patch embedding, layer norms) moved in the light full fine-tune
     tower = learn.model.visual.state_dict()
     assert not torch.equal(tower['conv1.weight'], clip.visual.state_dict()['conv1.weight'])
-    ema = torch.load(tmp_path / 'run' / 'models' / 'ema_last.pth', map_location='cpu', weights_only=True)
+    ema = resume_point(tmp_path / 'run')['ema']
     assert not has_lora(ema['ema']) and sorted(ema['ema']) == sorted(learn.model.state_dict())
 
     out = export_run(tmp_path / 'run', tmp_path / 'vit_flowers.pth')

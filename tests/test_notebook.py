@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from flowers_fastai.architectures import infer_cnn_arch
-from flowers_fastai.recipes import CNN
+from flowers_fastai.recipes import CNN, Phase
 
 from .conftest import DATA_DIR, REPO
 from .test_pretrained import timm_convnextv2_source, write_cnn_file
@@ -64,23 +64,23 @@ def test_learner_overrides_land_in_the_model_and_the_dataloaders(colour_folder, 
         assert tuple(xb.shape) == (4, 3, 48, 48) and len(yb) == 4
     assert len(learn.dls.train_ds) + len(learn.dls.valid_ds) == 40               # limit
     assert (learn.recipe.lr, learn.recipe.epochs) == (3e-3, 4)
-    assert phases(learn) == [dict(name='scratch', epochs=4, trainable=None, lr_div=None)]
+    assert phases(learn) == [Phase('scratch', epochs=4, trainable=None, lr_div=1.0, layerwise=False)]
 
 
-def test_pretrained_file_loads_the_backbone_and_freezes_it_as_phase_a(colour_folder, tmp_path, stand_in_weights):
+def test_pretrained_file_loads_the_backbone_and_freezes_it_for_the_frozen_phase(colour_folder, tmp_path, stand_in_weights):
     from flowers_fastai.notebook import learner, phases
     path, source = stand_in_weights
     learn = learner('cnn', colour_folder, pretrained=path, run_dir=tmp_path / 'a', **TINY)
     state = learn.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in source.items() if not k.startswith('head.fc.'))
     assert _trains(learn) == [False] * 5 + [True]   # as vision_learner gives it: the head only
-    assert [p['name'] for p in phases(learn)] == ['frozen', 'full']
+    assert [p.name for p in phases(learn)] == ['frozen', 'full']
     assert learn.run_config['pretrained'] == str(path)
 
     scratch = learner('cnn', colour_folder, pretrained=False, run_dir=tmp_path / 'b', **TINY)
     assert not torch.equal(scratch.model.state_dict()['stem.0.weight'], source['stem.0.weight'])
     assert _trains(scratch) == [True] * 6
-    assert [p['name'] for p in phases(scratch)] == ['scratch']
+    assert [p.name for p in phases(scratch)] == ['scratch']
 
 
 def test_unknown_override_is_a_type_error_naming_the_valid_ones(tmp_path):
@@ -163,7 +163,7 @@ def test_notebook_runs_on_a_tiny_subset(tmp_path, monkeypatch, stand_in_weights)
     cm = np.array(facts['cm'])
     assert cm.shape == (5, 5) and cm.sum() == facts['n_valid'] == 8              # every validation photo, once
     assert facts['path'] == str(run)
-    # the recipe's phases, as many epochs as it says: phase A (head) then B (everything)
+    # the recipe's phases, as many epochs as it says: frozen (the head) then full (everything)
     history = pd.read_csv(run / 'history.csv')
     assert list(history.phase) == ['frozen'] + ['full'] * 2
     assert json.loads((run / 'metrics.json').read_text())['n_valid'] == 8

@@ -21,7 +21,7 @@ from flowers_fastai.recipes import CNN, VIT
 from flowers_fastai.submit import load_cnn_model, load_vit_model, predict
 from flowers_fastai.training import train
 
-from .conftest import REPO, interrupt_after_first_epoch, real_photos
+from .conftest import REPO, interrupt_after_first_epoch, real_photos, resume_point
 
 # Tests of the training machinery run without the seed's regularisation (tested on its own), at the given LR.
 PLAIN = dict(randaugment=0, color_jitter=0.0, random_erasing=0.0, mixup=0.0, cutmix=0.0, ema_decay=0.0, patience=0,
@@ -49,18 +49,31 @@ def test_cnn_run_learns_and_writes_its_reports(colour_folder, tmp_path):
         train(TINY_CNN, colour_folder, run, pretrained=False)
 
 
+def test_split_seed_keeps_the_split_while_the_seed_changes(colour_folder, tmp_path):
+    """Students of several seeds on their teacher's split (--split-seed); without it the split follows --seed."""
+    from flowers_fastai.training import prepare_learner
+
+    def valid_photos(**seeds):
+        learn, config = prepare_learner(TINY_CNN.override(**seeds), colour_folder, tmp_path / str(seeds),
+                                        pretrained=False, split='stratified')
+        return set(learn.dls.valid_ds.items.path), config['recipe']['split_seed']
+    base, _ = valid_photos(seed=0)
+    assert valid_photos(seed=1, split_seed=0) == (base, 0)       # another seed, the teacher's split
+    assert valid_photos(seed=1)[0] != base                        # -1: the split follows the seed
+
+
 def test_resume_continues_after_the_last_finished_epoch(colour_folder, tmp_path, monkeypatch):
     run = tmp_path / 'run'
     resume_training = interrupt_after_first_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(TINY_CNN.override(epochs=3), colour_folder, run, pretrained=False, split='stratified')
-    assert json.loads((run / 'state.json').read_text())['epoch'] == 0
+    assert resume_point(run)['epoch'] == 0
     resume_training()
 
     learn = train(TINY_CNN.override(epochs=3), colour_folder, run, pretrained=False, resume=True)
     history = pd.read_csv(run / 'history.csv')
     assert list(history.epoch) == [0, 1, 2]            # epoch 0 is not trained twice, none is skipped
-    assert json.loads((run / 'state.json').read_text())['phase'] == 1
+    assert resume_point(run)['phase'] == 1 and resume_point(run)['epoch'] == -1   # the one phase is done
     # the resumed run validates on the split it started with (stratified), not on today's default
     from flowers_fastai.data import scan_image_folder, stratified_split
     items = scan_image_folder(colour_folder).items
@@ -154,7 +167,7 @@ def test_vit_stages_freeze_unfreeze_and_decay_lrs_per_block(colour_folder, tmp_p
     for phase in (partial, final):   # one-cycle scales every group alike: the ratios to the head are the recipe's
         expected = np.array([top * 0.25, top * 0.5, top, recipe.lr]) / recipe.lr
         np.testing.assert_allclose(np.array(phase['lr']) / phase['lr'][-1], expected, rtol=1e-6)
-    # same epochs, same point of the schedule: phase C runs at the LRs of phase B / final_lr_div
+    # same epochs, same point of the schedule: the final phase runs at the partial phase's LRs / final_lr_div
     np.testing.assert_allclose(np.array(final['lr']) * recipe.final_lr_div, partial['lr'], rtol=1e-6)
 
     out = export_run(tmp_path / 'run', tmp_path / 'vit_flowers.pth')
@@ -175,7 +188,7 @@ def test_cnn_phases_head_then_last_stage_then_all_with_per_stage_lrs(colour_fold
     save_file(timm.create_model('convnextv2_atto', num_classes=1000).state_dict(), stand_in)
     spy, make = StageSpy(), training.make_learner
     monkeypatch.setattr(training, 'make_learner', lambda *a, **k: make(*a, **k).add_cb(spy.callback()))
-    train(TINY_CNN.override(freeze_epochs=1, phase_a_blocks=1, llrd=0.5), colour_folder, tmp_path / 'run',
+    train(TINY_CNN.override(freeze_epochs=1, frozen_phase_blocks=1, llrd=0.5), colour_folder, tmp_path / 'run',
           pretrained=stand_in)
     head_and_last_stage, full = spy.phases   # groups: [stem], [stage 0..2] x3, [stage 3], [head]
     assert head_and_last_stage['trains'] == [False] * 4 + [True, True]
@@ -214,10 +227,29 @@ def test_amp_on_cuda_only_fp32_on_cpu(colour_folder, monkeypatch):
     assert any(isinstance(cb, MixedPrecision) for cb in on_gpu.cbs)
 
 
+def test_one_resume_point_holds_weights_optimizer_ema_and_position(colour_folder, tmp_path, monkeypatch):
+    """models/last.pth is the run's only resume point (no state.json, no separate EMA file): an interrupted run
+    with a weight EMA goes on averaging where it stopped."""
+    run, recipe = tmp_path / 'run', TINY_CNN.override(epochs=2, ema_decay=0.9)
+    resume_training = interrupt_after_first_epoch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, colour_folder, run, pretrained=False)
+    saved = resume_point(run)
+    assert {'model', 'opt', 'ema', 'phase', 'epoch', 'best'} <= set(saved)
+    assert (saved['phase'], saved['epoch'], saved['ema']['steps']) == (0, 0, 45 // 8)
+    assert sorted(p.name for p in (run / 'models').iterdir()) == ['best.pth', 'last.pth']
+    assert not (run / 'state.json').exists()
+    resume_training()
+    train(recipe, colour_folder, run, pretrained=False, resume=True)
+    saved = resume_point(run)
+    assert (saved['phase'], saved['epoch']) == (1, -1)               # the one phase is done
+    assert saved['ema']['steps'] == 2 * (45 // 8)                    # the average went on, not started afresh
+
+
 def test_ema_and_mixup_cutmix_run_in_train_and_the_ema_is_exported(colour_folder, tmp_path):
     run = tmp_path / 'run'
     train(TINY_CNN.override(ema_decay=0.99, mixup=0.5, cutmix=0.5), colour_folder, run, pretrained=False)
-    ema = torch.load(run / 'models' / 'ema_last.pth', map_location='cpu', weights_only=True)
+    ema = resume_point(run)['ema']
     assert ema['steps'] == 45 // 8               # one epoch of 45 photos, batch 8: fastai drops the partial batch
     exported = torch.load(export_run(run, tmp_path / 'cnn.pth'), map_location='cpu', weights_only=True)
     for k, v in ema['ema'].items():               # one epoch: the best checkpoint is the EMA after it
@@ -322,3 +354,19 @@ def test_export_calibrates_on_the_runs_validation_photos(colour_folder, tmp_path
     elsewhere = export_run(run, tmp_path / 'elsewhere.pth')
     assert 'temperature' not in json.loads(elsewhere.with_suffix('.json').read_text())
     assert 'not calibrated' in capsys.readouterr().out
+
+
+def test_the_frozen_phase_blocks_field_reads_its_old_name_too():
+    """`phase_a_blocks` became `frozen_phase_blocks` (one phase vocabulary): older config.json files, notebooks
+    and command lines keep working."""
+    from dataclasses import asdict
+
+    import train as train_cli
+    from flowers_fastai.recipes import Recipe
+    saved = asdict(CNN)
+    del saved['frozen_phase_blocks']
+    saved['phase_a_blocks'] = 1                                 # a config.json written before the rename
+    assert Recipe.from_dict(saved).frozen_phase_blocks == 1
+    assert CNN.override(phase_a_blocks=2).frozen_phase_blocks == 2
+    assert train_cli.parse_args(['cnn', '--phase-a-blocks', '1']).frozen_phase_blocks == 1
+    assert train_cli.parse_args(['cnn', '--frozen-phase-blocks', '1']).frozen_phase_blocks == 1
