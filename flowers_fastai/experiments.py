@@ -1,4 +1,4 @@
-"""The seeds protocol (spec s.7): one full training per seed, then one summary with mean and spread.
+"""The seeds protocol: one full training per seed, then one summary with mean and spread.
 
     runs/<name>/seed0/ seed1/ ...   each a complete run folder (see training.train)
     runs/<name>/summary.md          best validation accuracy per seed, mean +/- std, per-class accuracy

@@ -1,4 +1,5 @@
-"""Training recipes as data: the seed's defaults (spec s.4, s.5, s.9), overridable from `train.py`'s command line."""
+"""Training recipes as data: the seed's defaults, overridable from `train.py`'s command line, and the phases a
+recipe trains in. Where each default comes from in the seed: docs/training.md."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
@@ -38,7 +39,7 @@ class Recipe:
     randaugment_magnitude: int = 9
     color_jitter: float = 0.0      # brightness/contrast/saturation jitter
     random_erasing: float = 0.0    # probability that a batch gets one random rectangle erased
-    lora_rank: int = 0             # ViT: LoRA rank on attention + MLP projections (seed s.5.4 option); 0 = off
+    lora_rank: int = 0             # ViT: LoRA rank on attention + MLP projections (the seed's option); 0 = off
     lora_alpha: float = 16.0
     patience: int = 0              # early stopping: epochs without a better validation accuracy; 0 = off
     resize_to: int = 0             # the `resized<N>` phase (fastai's progressive resizing): `resize_epochs` epochs
@@ -113,12 +114,12 @@ def recipe_phases(recipe: Recipe, pretrained) -> list[Phase]:
     return [phase for phase in phases if phase.epochs]
 
 
-# The seed's regularisation (s.3.3, s.4.2, s.7): RandAugment + ColorJitter, light Random Erasing, MixUp or CutMix
+# The seed's regularisation: RandAugment + ColorJitter, light Random Erasing, MixUp or CutMix
 # on part of the batches, weight EMA, early stopping on validation accuracy (patience 10).
 SEED_REGULARISATION = dict(randaugment=2, randaugment_magnitude=9, color_jitter=0.4, random_erasing=0.25,
                            mixup=0.3, cutmix=0.3, ema_decay=0.999, patience=10)
 
-# ConvNeXt V2 (seed s.4 and s.9): 224 px, batch 32, AdamW wd 0.05, head LR 1e-3, full fine-tune LR 2e-4, both
+# ConvNeXt V2: 224 px, batch 32, AdamW wd 0.05, head LR 1e-3, full fine-tune LR 2e-4, both
 # scaled linearly with the batch (base 32), warmup 20 % (6 of 30 epochs) then cosine, label smoothing 0.1, drop
 # path on. Phases: `frozen` (the head; option: + the last stage), then `full`, LRs falling 0.75x per stage below
 # the top.
@@ -126,7 +127,7 @@ CNN = Recipe(family='cnn', arch='convnextv2_tiny', pretrained_tag='fcmae_ft_in22
              epochs=30, freeze_epochs=3, lr=1e-3, backbone_lr_div=5.0, wd=0.05, label_smoothing=0.1,
              drop_path=0.1, warmup_pct=0.2, lr_base_bs=32, **SEED_REGULARISATION)
 
-# CLIP ViT-L/14 (seed s.5 and s.9): 224 px, batch 16 (x `accumulate`), head LR 1e-3, backbone LR 1e-5, warmup
+# CLIP ViT-L/14: 224 px, batch 16 (x `accumulate`), head LR 1e-3, backbone LR 1e-5, warmup
 # 10 % then cosine, label smoothing 0.05, LLRD 0.75 per transformer block. Phases (the seed's stages 1-3): `frozen`
 # (a linear probe), `partial` (the top `unfreeze_blocks` blocks: 6, our choice, the seed leaves N open), and
 # optionally `final` (everything at a very low LR).
