@@ -30,6 +30,7 @@ ARMS = {
     'logits': ['--distill-alpha', '0.5'],                                   # the defaults: alpha 0.5, T 1
     'logits-only-kd': ['--distill-alpha', '1.0'],                           # Beyer et al.: teacher only, no labels
     'logits+features': ['--distill-alpha', '0.5', '--distill-features', '1.0'],
+    'logits-T4': ['--distill-alpha', '0.5', '--distill-temperature', '4.0'],   # softer targets: more dark knowledge
 }
 
 
