@@ -334,7 +334,8 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
             raise FileNotFoundError(f'nothing to resume in {run_dir} (no config.json, no models/last.pth): '
                                     f'{RESUME_TODO}')
         split = read_json(run_dir / 'config.json', RESUME_TODO).get('split', 'stratified')  # older runs: stratified
-        state = read_resume_point(last)   # before any work: a broken resume point is said at once
+        # before any work: a broken resume point is said at once (read onto the device the run trains on)
+        state = read_resume_point(last, map_location=default_device())
     elif (run_dir / 'models').exists():
         raise FileExistsError(f'{run_dir} already holds a run: pass --resume to continue it, or another --name')
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -366,8 +367,9 @@ def run_phases(learn: Learner, recipe: Recipe, pretrained: bool | str | Path, co
     if not resume:
         state = {'phase': 0, 'epoch': -1, 'best': None}   # a new run: before the first epoch of the first phase
     tracker = BestCheckpoint(best=state['best'], recipe=recipe)
-    # one instance for all phases: the EMA averages across them
-    ema = WeightEMA(recipe.ema_decay, lora_alpha=recipe.lora_alpha, saved=state.get('ema')) if recipe.ema_decay else None
+    ema = None   # one instance for all phases: the EMA averages across them
+    if recipe.ema_decay:
+        ema = WeightEMA(recipe.ema_decay, lora_alpha=recipe.lora_alpha, saved=state.get('ema'))
     recipe_cbs = [ema] if ema else []
     if recipe.mixup or recipe.cutmix:
         recipe_cbs.append(MixUpCutMix(p_mixup=recipe.mixup, p_cutmix=recipe.cutmix))
@@ -391,10 +393,10 @@ def resume_point_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / 'models' / f'{LAST}.pth'
 
 
-def read_resume_point(path: Path) -> dict:
+def read_resume_point(path: Path, map_location='cpu') -> dict:
     """models/last.pth (`_save_resume_point`), read with weights_only and checked: a broken one is a sentence
     naming it, not a KeyError later."""
-    state = load_checkpoint(path, RESUME_TODO)
+    state = load_checkpoint(path, RESUME_TODO, map_location=map_location)
     ema = state.get('ema')
     ok = (isinstance(state.get('model'), dict) and isinstance(state.get('phase'), int) and state['phase'] >= 0
           and isinstance(state.get('epoch'), int) and state['epoch'] >= -1
