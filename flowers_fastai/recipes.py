@@ -62,16 +62,19 @@ class Recipe:
 
     def override(self, **changes) -> 'Recipe':
         known = {f.name for f in fields(self)}
-        changes = {RENAMED.get(k, k): v for k, v in changes.items()}
-        return replace(self, **{k: v for k, v in changes.items() if k in known and v is not None})
+        return replace(self, **{k: v for k, v in _current_names(changes).items() if k in known and v is not None})
 
     @classmethod
     def from_dict(cls, saved: dict) -> 'Recipe':
         """The recipe a run folder's config.json recorded, also from before a field was renamed."""
-        return cls(**{RENAMED.get(k, k): v for k, v in saved.items()})
+        return cls(**_current_names(saved))
 
 
 RENAMED = {'phase_a_blocks': 'frozen_phase_blocks'}   # old field name -> new (config.json of older runs)
+
+
+def _current_names(fields_by_name: dict) -> dict:
+    return {RENAMED.get(k, k): v for k, v in fields_by_name.items()}
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ and std, and its mean paired difference with the arm without teacher.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import subprocess
@@ -77,8 +78,8 @@ def summary(args) -> str:
     curves = {arm: [] for arm in accs}
     for arm in accs:
         for seed in accs[arm]:
-            history = (run_dir(args.runs, arm, seed) / 'history.csv').read_text().splitlines()[1:]
-            curves[arm].append([float(row.split(',')[4]) for row in history])
+            with open(run_dir(args.runs, arm, seed) / 'history.csv', newline='') as history:
+                curves[arm].append([float(row['accuracy']) for row in csv.DictReader(history)])
     n_epochs = max((len(c) for runs in curves.values() for c in runs), default=0)
     lines += ['', '| arm (mean over seeds) | ' + ' | '.join(f'epoch {e}' for e in range(n_epochs)) + ' |',
               '|---|' + '---|' * n_epochs]
