@@ -20,6 +20,7 @@ from .distill import without_distill_head
 from .architectures import ArchitectureError
 from .families import DELIVERED, get_family
 from .labels import CLASSES
+from .recipes import Recipe
 
 FAMILIES = DELIVERED   # the families export writes, in order
 VALID_ITEMS = 'valid_items.csv'   # the run's validation photos (path, label), written by training
@@ -187,16 +188,17 @@ def rebuild_split(config: dict):
     train_idx, valid_idx, audit). For runs that predate `valid_items.csv`, and for leak checks."""
     from .audit import audit_items
     from .data import grouped_stratified_split, scan_image_folder, stratified_split
-    recipe, split = config['recipe'], config.get('split', 'stratified')
+    split, split_seed = config.get('split', 'stratified'), Recipe.from_dict(config['recipe']).data_split_seed
+    valid_pct = config['recipe']['valid_pct']
     items = scan_image_folder(config['data']).items
     audit = audit_items(items)
     if split == 'grouped':
         kept = audit.kept()
         labels = [items[i][1] for i in kept]
-        train_idx, valid_idx = grouped_stratified_split(labels, audit.group[kept], recipe['valid_pct'], recipe['seed'])
+        train_idx, valid_idx = grouped_stratified_split(labels, audit.group[kept], valid_pct, split_seed)
         train_idx, valid_idx = [kept[i] for i in train_idx], [kept[i] for i in valid_idx]
     else:
-        train_idx, valid_idx = stratified_split([label for _, label in items], recipe['valid_pct'], recipe['seed'])
+        train_idx, valid_idx = stratified_split([label for _, label in items], valid_pct, split_seed)
     return items, train_idx, valid_idx, audit
 
 

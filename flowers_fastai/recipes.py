@@ -57,6 +57,11 @@ class Recipe:
                                    # split (another split would put the teacher's training photos in validation)
 
     @property
+    def data_split_seed(self) -> int:
+        """The seed the train/validation split is drawn with (`split_seed`, or `seed` when it is -1)."""
+        return self.seed if self.split_seed < 0 else self.split_seed
+
+    @property
     def lr_scale(self) -> float:
         return self.bs * self.accumulate / self.lr_base_bs if self.lr_base_bs else 1.0
 

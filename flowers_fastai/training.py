@@ -277,7 +277,7 @@ def prepare_learner(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, p
     config.json records. `split`: 'grouped' audits the photos first (audit.py): copies of one photo stay on one
     side and photos filed under two classes are left out; 'stratified' splits photos independently."""
     set_seed(recipe.seed, reproducible=False)
-    split_seed = recipe.seed if recipe.split_seed < 0 else recipe.split_seed
+    split_seed = recipe.data_split_seed
     scanned = scan_image_folder(data_dir)
     items = scanned.items if limit_items is None else _stratified_subset(scanned.items, limit_items, split_seed)
     groups, left_out, dropped = None, 0, Counter()

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flowers_fastai.exporting import rebuild_split  # noqa: E402
 from flowers_fastai.labels import CLASSES  # noqa: E402
+from flowers_fastai.recipes import Recipe  # noqa: E402
 from flowers_fastai.submit import load_cnn_model, load_vit_model, predict  # noqa: E402
 
 
@@ -46,7 +47,8 @@ def main(argv=None) -> int:
 
     def accuracy(idx):
         return sum(correct[i] for i in idx) / len(idx)
-    print(f'run {args.run.name} ({split} split, seed {recipe["seed"]}), weights {args.weights}')
+    split_seed = Recipe.from_dict(recipe).data_split_seed
+    print(f'run {args.run.name} ({split} split, split seed {split_seed}), weights {args.weights}')
     print(f'validation photos: {len(valid_idx)}, accuracy {accuracy(valid_idx):.4f}')
     print(f'without leaked copies or photos filed under two classes: {len(leak_free)}, '
           f'accuracy {accuracy(leak_free):.4f}')

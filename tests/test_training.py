@@ -49,14 +49,21 @@ def test_cnn_run_learns_and_writes_its_reports(colour_folder, tmp_path):
         train(TINY_CNN, colour_folder, run, pretrained=False)
 
 
-def test_split_seed_keeps_the_split_while_the_seed_changes(colour_folder, tmp_path):
-    """Students of several seeds on their teacher's split (--split-seed); without it the split follows --seed."""
+@pytest.mark.parametrize('split', ['stratified', 'grouped'])
+def test_split_seed_keeps_the_split_while_the_seed_changes(colour_folder, tmp_path, split):
+    """Students of several seeds on their teacher's split (--split-seed); without it the split follows --seed.
+    The scripts that re-score a run (`rebuild_split`: validation_report, paired_compare, input_size_sweep) find
+    the photos training held out, not the split of the run's `seed`."""
+    from flowers_fastai.exporting import rebuild_split
     from flowers_fastai.training import prepare_learner
 
     def valid_photos(**seeds):
-        learn, config = prepare_learner(TINY_CNN.override(**seeds), colour_folder, tmp_path / str(seeds),
-                                        pretrained=False, split='stratified')
-        return set(learn.dls.valid_ds.items.path), config['recipe']['split_seed']
+        learn, config = prepare_learner(TINY_CNN.override(**seeds), colour_folder, tmp_path / f'{split}{seeds}',
+                                        pretrained=False, split=split)
+        held_out = set(map(str, learn.dls.valid_ds.items.path))
+        items, _, valid_idx, _ = rebuild_split(json.loads(json.dumps(config)))   # as read back from config.json
+        assert {str(items[i][0]) for i in valid_idx} == held_out
+        return held_out, config['recipe']['split_seed']
     base, _ = valid_photos(seed=0)
     assert valid_photos(seed=1, split_seed=0) == (base, 0)       # another seed, the teacher's split
     assert valid_photos(seed=1)[0] != base                        # -1: the split follows the seed
