@@ -1,0 +1,85 @@
+"""The experiment scripts whose tables land in docs/results.md: what they run, what they skip or resume, and the
+statistics they print."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / 'scripts' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(folder: Path, accuracies: list[float]) -> None:
+    """A finished run folder as train.py leaves it: history.csv per epoch, metrics.json with the best epoch."""
+    folder.mkdir(parents=True)
+    rows = [f'scratch,{e},1.0,1.0,{a},00:01' for e, a in enumerate(accuracies)]
+    (folder / 'history.csv').write_text('phase,epoch,train_loss,valid_loss,accuracy,time\n' + '\n'.join(rows) + '\n')
+    (folder / 'metrics.json').write_text(json.dumps({'valid_accuracy': max(accuracies)}))
+
+
+def test_distill_arms_summary_pairs_each_arm_with_no_teacher_by_seed(tmp_path):
+    arms = load_script('distill_arms')
+    fake_run(tmp_path / 'no-teacher-seed0', [0.3, 0.4])
+    fake_run(tmp_path / 'no-teacher-seed1', [0.2, 0.5])
+    fake_run(tmp_path / 'logits-seed0', [0.4, 0.5])
+    fake_run(tmp_path / 'logits-seed1', [0.6, 0.4])
+    fake_run(tmp_path / 'logits-T4-seed0', [0.1, 0.7])          # seed 1 not finished: paired on seed 0 only
+    args = argparse.Namespace(runs=tmp_path, seeds=[0, 1], arms=['no-teacher', 'logits', 'logits-T4'])
+    table, curves = arms.summary(args).split('\n\n')
+    rows = {line.split(' | ')[0].strip('| '): line for line in table.splitlines()}
+    assert rows['logits'] == '| logits | 0.5000 | 0.6000 | 0.5500 | 0.0707 | +0.1000 (n=2) |'
+    assert rows['no-teacher'] == '| no-teacher | 0.4000 | 0.5000 | 0.4500 | 0.0707 |  |'
+    assert rows['logits-T4'] == '| logits-T4 | 0.7000 | - | 0.7000 | - | +0.3000 (n=1) |'
+    # the curves: mean validation accuracy per epoch over the finished seeds
+    assert '| logits | 0.5000 | 0.4500 |' in curves.splitlines()
+    assert '| logits-T4 | 0.1000 | 0.7000 |' in curves.splitlines()
+
+
+@pytest.mark.parametrize('b, c, p', [(52, 23, 0.0011), (14, 7, 0.1892), (5, 5, 1.0), (0, 0, 1.0), (0, 6, 0.0312)])
+def test_paired_compare_mcnemar_is_the_exact_two_sided_binomial_test(b, c, p):
+    mcnemar = load_script('paired_compare').mcnemar_exact
+    assert mcnemar(b, c) == pytest.approx(p, abs=1e-4) and mcnemar(c, b) == mcnemar(b, c)
+
+
+def test_kd_long_seeds_trains_each_pair_on_the_teachers_split_skips_finished_runs_and_resumes(tmp_path):
+    """The script's orchestration, with a stand-in for Python that records each train.py call."""
+    calls = tmp_path / 'calls.txt'
+    stand_in = tmp_path / 'python'
+    stand_in.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    stand_in.chmod(0o755)
+    runs = tmp_path / 'runs'
+    fake_run(runs / 'kd-long-teacher-seed1', [0.7])                        # finished: skipped
+    (runs / 'kd-long-noteacher-seed1').mkdir(parents=True)
+    (runs / 'kd-long-noteacher-seed1' / 'config.json').write_text('{}')    # interrupted: resumed
+    env = {**os.environ, 'INIT': 'old.pth', 'TEACHER': 'teacher-run', 'RUNS': str(runs), 'DATA': 'photos',
+           'SEEDS': '1 2', 'PYTHON': str(stand_in)}
+    out = subprocess.run(['bash', 'scripts/kd_long_seeds.sh'], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    made = [line.split() for line in calls.read_text().splitlines()]
+    names = [call[call.index('--name') + 1] for call in made]
+    assert names == ['kd-long-noteacher-seed1', 'kd-long-teacher-seed2', 'kd-long-noteacher-seed2',
+                     'kd-teacher-lite0-160-seed1', 'kd-teacher-lite0-160-seed2']
+    resumed, with_teacher, without, teacher = made[0], made[1], made[2], made[3]
+    assert resumed[-1] == '--resume' and '--init-from' not in resumed
+    for call in (with_teacher, without, teacher):
+        assert call[call.index('--split-seed') + 1] == '0' and call[call.index('--data') + 1] == 'photos'
+    assert with_teacher[with_teacher.index('--seed') + 1] == '2'
+    assert with_teacher[with_teacher.index('--teacher') + 1] == 'teacher-run'
+    assert '--teacher' not in without and without[without.index('--init-from') + 1] == 'old.pth'
+    assert teacher[1] == 'teacher' and '--init-from' not in teacher
+    # without INIT the script refuses to start rather than train students from random weights
+    del env['INIT']
+    refused = subprocess.run(['bash', 'scripts/kd_long_seeds.sh'], cwd=REPO, env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and 'INIT' in refused.stderr
