@@ -66,6 +66,24 @@ def test_main_job_classifies_the_examples_offline_from_the_repo_root():
         assert path.startswith('examples/') and label in CLASSES
 
 
+@pytest.mark.parametrize('doc', ['README.md', 'docs/api.md'])
+def test_the_docs_quote_what_the_shipped_cnn_answers(doc):
+    """The tour's `predict(...)  # -> 'class'` and `predict_proba(...)  # -> {...}` lines are the shipped file's
+    real answers (loaded as they show it, with its sidecar), so that new weights cannot leave them stale."""
+    from flowers_fastai.submit import load_cnn_model, predict, predict_proba
+    text = (REPO / doc).read_text()
+    said = re.findall(r"^predict\(model, '([^']+)'\) +# -> '(\w+)'", text, re.M)
+    said_proba = re.findall(r"^predict_proba\(model, '([^']+)'\) +# -> \{(.*)\}", text, re.M)
+    assert said and said_proba
+    model = load_cnn_model(SHIPPED)
+    for photo, label in said:
+        assert predict(model, REPO / photo) == label
+    for photo, quoted in said_proba:
+        proba = predict_proba(model, REPO / photo)
+        for name, value in re.findall(r"'(\w+)': ([0-9.]+)", quoted):
+            assert proba[name] == pytest.approx(float(value), abs=0.005 + 1e-9), (photo, name)
+
+
 def test_default_weights_load_from_any_directory_offline(tmp_path):
     photo = sorted(EXAMPLES.glob('*.jpg'))[0]
     code = OFFLINE + ("import sys; sys.path.insert(0, %r)\n"
