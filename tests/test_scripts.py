@@ -83,3 +83,18 @@ def test_kd_long_seeds_trains_each_pair_on_the_teachers_split_skips_finished_run
     del env['INIT']
     refused = subprocess.run(['bash', 'scripts/kd_long_seeds.sh'], cwd=REPO, env=env, capture_output=True, text=True)
     assert refused.returncode != 0 and 'INIT' in refused.stderr
+
+
+def test_kd_long_report_soup_is_the_uniform_average_of_one_networks_files(tmp_path):
+    import torch
+    report = load_script('kd_long_report')
+    a = {'w': torch.tensor([1.0, 2.0]), 'steps': torch.tensor(3)}
+    b = {'w': torch.tensor([3.0, 6.0]), 'steps': torch.tensor(5)}
+    torch.save(a, tmp_path / 'a.pth')
+    torch.save(b, tmp_path / 'b.pth')
+    out = report.soup([tmp_path / 'a.pth', tmp_path / 'b.pth'], tmp_path / 'soup.pth')
+    averaged = torch.load(out, weights_only=True)
+    assert torch.equal(averaged['w'], torch.tensor([2.0, 4.0])) and averaged['steps'] == 3   # integers kept
+    torch.save({'other': torch.zeros(2)}, tmp_path / 'c.pth')
+    with pytest.raises(SystemExit, match='same tensors'):
+        report.soup([tmp_path / 'a.pth', tmp_path / 'c.pth'], tmp_path / 'bad.pth')
