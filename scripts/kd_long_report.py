@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flowers_fastai.exporting import export_run, validation_items  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paired_compare import correct_alone, mcnemar_exact  # noqa: E402
+from paired_compare import correct_alone, discordant, mcnemar_exact  # noqa: E402
 
 ARMS = {'teacher': 'kd-long-teacher-seed{}', 'noteacher': 'kd-long-noteacher-seed{}',
         'teacher alone': 'kd-teacher-lite0-160-seed{}'}
@@ -63,7 +63,14 @@ def main(argv=None) -> int:
         if validation_items(run) != valid:
             raise SystemExit(f'error: {run} was validated on other photos than {shared[0]}: not comparable')
 
-    hits = {key: correct_alone(exported(run), valid) for key, run in done.items() if key[0] != 'teacher alone'}
+    scored = {}   # file -> right or wrong per validation photo: each file is scored once
+
+    def score(weights: Path) -> list[bool]:
+        if weights not in scored:
+            scored[weights] = correct_alone(weights, valid)
+        return scored[weights]
+
+    hits = {key: score(exported(run)) for key, run in done.items() if key[0] != 'teacher alone'}
     accuracy = {key: sum(h) / len(valid) for key, h in hits.items()}
     print(f'{len(valid)} validation photos (the split of {shared[0].name}); students alone, no sidecar')
     print('| seed | with teacher | without | right only with / only without | McNemar p | teacher alone |')
@@ -72,14 +79,13 @@ def main(argv=None) -> int:
         a, b = hits.get(('teacher', seed)), hits.get(('noteacher', seed))
         paired = ''
         if a and b:
-            only_a = sum(x and not y for x, y in zip(a, b))
-            only_b = sum(y and not x for x, y in zip(a, b))
+            only_a, only_b = discordant(a, b)
             paired = f'{only_a} / {only_b} | {mcnemar_exact(only_a, only_b):.3g}'
         teacher = done.get(('teacher alone', seed))
         teacher_acc = json.loads((teacher / 'metrics.json').read_text())['valid_accuracy'] if teacher else None
         cells = [f'{accuracy[(arm, seed)]:.4f}' if (arm, seed) in accuracy else '-' for arm in ('teacher', 'noteacher')]
         print(f'| {seed} | {cells[0]} | {cells[1]} | {paired or "- | -"} | '
-              f'{f"{teacher_acc:.4f} (160 px)" if teacher_acc else "-"} |')
+              f'{f"{teacher_acc:.4f} (160 px)" if teacher_acc is not None else "-"} |')
     for arm in ('teacher', 'noteacher'):
         values = [accuracy[(arm, s)] for s in args.seeds if (arm, s) in accuracy]
         if len(values) > 1:
@@ -87,13 +93,12 @@ def main(argv=None) -> int:
     if args.soup is not None:
         members = [exported(done[('teacher', s)]) for s in args.seeds if ('teacher', s) in done] + args.soup
         average = soup(members, args.runs / 'soup_cnn_flowers.pth')
-        soup_hits = correct_alone(average, valid)
+        soup_hits = score(average)
         print(f'soup of {len(members)} ({", ".join(map(str, members))}) -> {average}: '
               f'accuracy {sum(soup_hits) / len(valid):.4f}')
         for member in members:
-            member_hits = correct_alone(member, valid)
-            only_soup = sum(x and not y for x, y in zip(soup_hits, member_hits))
-            only_member = sum(y and not x for x, y in zip(soup_hits, member_hits))
+            member_hits = score(member)
+            only_soup, only_member = discordant(soup_hits, member_hits)
             print(f'  vs {member}: {sum(member_hits) / len(valid):.4f}; right only with the soup {only_soup}, '
                   f'only with it {only_member}; McNemar p = {mcnemar_exact(only_soup, only_member):.3g}')
     return 0

@@ -31,6 +31,11 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def discordant(a: list[bool], b: list[bool]) -> tuple[int, int]:
+    """(photos right only with A, photos right only with B): the counts McNemar's test reads."""
+    return sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b))
+
+
 def correct_alone(weights: Path, valid: list[tuple[Path, str]]) -> list[bool]:
     with tempfile.TemporaryDirectory() as tmp:   # a copy without its sidecar: what a grader loads
         copy = Path(tmp) / 'cnn_flowers.pth'
@@ -47,8 +52,7 @@ def main(argv=None) -> int:
     items, _, valid_idx, _ = rebuild_split(run_config(args.run))
     valid = [items[i] for i in valid_idx]
     a, b = (correct_alone(w, valid) for w in args.weights)
-    only_a = sum(x and not y for x, y in zip(a, b))
-    only_b = sum(y and not x for x, y in zip(a, b))
+    only_a, only_b = discordant(a, b)
     print(f'{len(valid)} validation photos of {args.run}, each file alone (no sidecar)')
     for name, hits in zip(args.weights, (a, b)):
         print(f'  {str(name):50s} accuracy {sum(hits) / len(valid):.4f} ({sum(hits)})')

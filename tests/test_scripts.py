@@ -53,6 +53,11 @@ def test_paired_compare_mcnemar_is_the_exact_two_sided_binomial_test(b, c, p):
     assert mcnemar(b, c) == pytest.approx(p, abs=1e-4) and mcnemar(c, b) == mcnemar(b, c)
 
 
+def test_paired_compare_counts_the_photos_only_one_file_gets_right():
+    discordant = load_script('paired_compare').discordant
+    assert discordant([True, True, False, False, True], [True, False, True, False, False]) == (2, 1)
+
+
 def test_kd_long_seeds_trains_each_pair_on_the_teachers_split_skips_finished_runs_and_resumes(tmp_path):
     """The script's orchestration, with a stand-in for Python that records each train.py call."""
     calls = tmp_path / 'calls.txt'
