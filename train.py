@@ -22,8 +22,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('family', choices=[*sorted(RECIPES), 'audit'],
                         help='cnn: timm ConvNeXt V2; vit: open_clip CLIP ViT; teacher: any timm classifier (--arch, '
                              'default tf_efficientnet_lite0), a teacher for --teacher; audit: report duplicate photos of --data')
-    parser.add_argument('--data', type=Path, default=DEFAULT_DATA,
-                        help='folder of class folders (daisy/ dandelion/ rose/ sunflower/ tulip/) (default: %(default)s)')
+    parser.add_argument('--data', type=Path, nargs='+', default=[DEFAULT_DATA],
+                        help='folder(s) of class folders (daisy/ dandelion/ rose/ sunflower/ tulip/); with several, '
+                             'each is split on its own (the first gets the split it gets alone) and validation '
+                             'accuracy is also reported per folder (default: %(default)s)')
     parser.add_argument('--name', help='run folder name under --runs (default: <family>-<date-time>)')
     parser.add_argument('--runs', type=Path, default=Path('runs'), help='where run folders go (default: %(default)s)')
     parser.add_argument('--resume', action='store_true', help='continue the interrupted run --name from its last epoch')
@@ -119,8 +121,8 @@ def main(argv=None) -> int:
     if args.family == 'audit':
         from flowers_fastai.audit import audit_items
         from flowers_fastai.data import scan_image_folder
-        try:
-            print(audit_items(scan_image_folder(args.data).items).report())
+        try:   # several folders: one audit, so that copies across folders are found too
+            print(audit_items([item for folder in args.data for item in scan_image_folder(folder).items]).report())
         except ValueError as err:
             sys.exit(f'error: {err}')
         return 0
@@ -131,10 +133,11 @@ def main(argv=None) -> int:
     if args.resume:
         if not args.name or not settings_file.is_file():
             sys.exit(f'--resume needs the --name of a run to continue (no {settings_file})')
+        from flowers_fastai.data import data_folders
         from flowers_fastai.exporting import read_json
         try:
             settings = read_json(settings_file, 'train it again under another --name')
-            recipe, args.data = Recipe.from_dict(settings['recipe']), Path(settings['data'])
+            recipe, args.data = Recipe.from_dict(settings['recipe']), data_folders(settings['data'])
             pretrained = {'True': True, 'False': False}.get(str(settings['pretrained']), settings['pretrained'])
         except (ValueError, KeyError, TypeError) as err:   # RunFolderError, or fields missing / of another version
             sys.exit(f'error: {settings_file} cannot be resumed ({type(err).__name__}: {err}); '
@@ -162,7 +165,8 @@ def main(argv=None) -> int:
             if not args.resume:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 settings_file.write_text(json.dumps({'recipe': asdict(recipe), 'pretrained': str(pretrained)
-                                                     if pretrained else False, 'data': str(args.data.resolve()),
+                                                     if pretrained else False,
+                                                     'data': [str(folder.resolve()) for folder in args.data],
                                                      'split': args.split, 'seeds': args.seeds}, indent=2))
             summary = run_seeds(recipe, args.data, run_dir, args.seeds, pretrained=pretrained, resume=args.resume,
                                 num_workers=args.num_workers, limit_items=args.limit, split=args.split)

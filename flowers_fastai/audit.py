@@ -37,9 +37,10 @@ def flickr_id(path: Path) -> str | None:
     return match.group(1) if match else None
 
 
-def duplicate_groups(hashes: np.ndarray, max_distance: int = MAX_DISTANCE, keys: list | None = None) -> np.ndarray:
-    """A group id per photo: photos within `max_distance` bits of each other, or with the same non-None key,
-    transitively, share one."""
+def duplicate_groups(hashes: np.ndarray, max_distance: int = MAX_DISTANCE, keys: list | None = None,
+                     pairs: list[tuple[int, int]] = ()) -> np.ndarray:
+    """A group id per photo: photos within `max_distance` bits of each other, with the same non-None key, or
+    listed together in `pairs` (indices), transitively, share one."""
     parent = np.arange(len(hashes))
 
     def root(i):
@@ -55,6 +56,8 @@ def duplicate_groups(hashes: np.ndarray, max_distance: int = MAX_DISTANCE, keys:
     for i, key in enumerate(keys or []):
         if key is not None:
             parent[root(i)] = root(first_with_key.setdefault(key, i))
+    for i, j in pairs:
+        parent[root(j)] = root(i)
     roots = np.array([root(i) for i in range(len(hashes))])
     return np.unique(roots, return_inverse=True)[1]   # 0..n_groups-1
 
@@ -80,7 +83,7 @@ class Audit:
 
     def report(self) -> str:
         groups, conflicts = self.groups(), self.conflicts()
-        lines = [f'{len(self.items)} photos; {len(groups)} groups of copies (pHash distance <= {MAX_DISTANCE} or one Flickr id) '
+        lines = [f'{len(self.items)} photos; {len(groups)} groups of copies (pHash distance <= {MAX_DISTANCE}, one Flickr id, or listed beside the folder) '
                  f'holding {sum(map(len, groups))} photos; {len(conflicts)} groups filed under two classes, '
                  f'left out of training and validation ({sum(map(len, conflicts))} photos):']
         for g in conflicts:
@@ -99,6 +102,32 @@ class Audit:
         return '\n'.join(lines)
 
 
-def audit_items(items: list[tuple[Path, str]], max_distance: int = MAX_DISTANCE) -> Audit:
+def audit_items(items: list[tuple[Path, str]], max_distance: int = MAX_DISTANCE,
+                hashes: np.ndarray | None = None) -> Audit:
+    """The duplicate groups of `items`; `hashes`: their perceptual hashes, when computed already. Pairs that a
+    folder's own list of near-duplicates names (`listed_near_duplicates`) are grouped too."""
     paths = [p for p, _ in items]
-    return Audit(items, duplicate_groups(perceptual_hashes(paths), max_distance, keys=[flickr_id(p) for p in paths]))
+    hashes = perceptual_hashes(paths) if hashes is None else hashes
+    return Audit(items, duplicate_groups(hashes, max_distance, keys=[flickr_id(p) for p in paths],
+                                         pairs=listed_pairs(paths)))
+
+
+def listed_near_duplicates(root: Path) -> list[tuple[Path, Path]]:
+    """The near-duplicate pairs a data folder's provider lists beside it, `<folder>-near-duplicates.tsv` (columns
+    a and b: paths relative to the folder), which a pHash misses when the list was made with another hash (the
+    flowers-flickr folder's is an 8x8 difference hash); none where there is no such file."""
+    import csv
+    listing = Path(root).parent / f'{Path(root).name}-near-duplicates.tsv'
+    if not listing.is_file():
+        return []
+    with listing.open(newline='') as f:
+        return [(Path(root) / row['a'], Path(root) / row['b']) for row in csv.DictReader(f, delimiter='\t')
+                if row.get('a') and row.get('b')]
+
+
+def listed_pairs(paths: list[Path]) -> list[tuple[int, int]]:
+    """Index pairs of `paths` that the lists of their folders name as near-duplicates."""
+    where = {Path(p): i for i, p in enumerate(paths)}
+    roots = {Path(p).parent.parent for p in paths}   # <root>/<class>/<photo>
+    return [(where[a], where[b]) for root in roots for a, b in listed_near_duplicates(root)
+            if a in where and b in where]

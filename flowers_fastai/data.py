@@ -3,6 +3,7 @@ training augmentation, and the fastai DataBlock."""
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, ImageBlock, 
                                RandomResizedCrop, TrainTestSplitter, Transform, aug_transforms)
 from sklearn.model_selection import StratifiedGroupKFold
 
+from .audit import Audit, audit_items, duplicate_groups, flickr_id, listed_pairs, perceptual_hashes
 from .data_files import scan_folder
 from .labels import CLASSES
 from .preprocess import Preprocessing, decode_image, open_image, resize_center_crop
@@ -98,14 +100,17 @@ def grouped_stratified_split(labels: list[str], groups, valid_pct: float = 0.2,
 
 
 class StratifiedSplitter:
-    """fastai splitter over a DataFrame of photos: stratified on its `label` column (fastai's
-    `TrainTestSplitter(stratify=)`) and, when it has a `group` column (see `audit.py`), with each group of copies
-    on one side, which fastai's splitters cannot do (sklearn's `StratifiedGroupKFold`)."""
+    """fastai splitter over a DataFrame of photos: its `is_valid` column when it has one (the split of several
+    folders, `split_photos`); else stratified on its `label` column (fastai's `TrainTestSplitter(stratify=)`)
+    and, when it has a `group` column (see `audit.py`), with each group of copies on one side, which fastai's
+    splitters cannot do (sklearn's `StratifiedGroupKFold`)."""
 
     def __init__(self, valid_pct: float = 0.2, seed: int = 0):
         self.valid_pct, self.seed = valid_pct, seed
 
     def __call__(self, df: pd.DataFrame):
+        if 'is_valid' in df:   # drawn already (`split_photos`): training and re-scoring share one split
+            return np.flatnonzero(~df['is_valid'].to_numpy()).tolist(), np.flatnonzero(df['is_valid']).tolist()
         if 'group' in df:
             return grouped_stratified_split(df['label'].tolist(), df['group'].tolist(), self.valid_pct, self.seed)
         return stratified_split(df['label'].tolist(), self.valid_pct, self.seed)
@@ -117,6 +122,151 @@ def items_frame(items: list[tuple[Path, str]], groups=None) -> pd.DataFrame:
     if groups is not None:
         df['group'] = list(groups)
     return df
+
+
+def data_folders(data) -> list[Path]:
+    """`--data` as a list of folders: one folder, several, or what config.json recorded (one path as a string
+    before runs could read several folders, a list since)."""
+    folders = [data] if isinstance(data, (str, Path)) else list(data)
+    if not folders:
+        raise DatasetError('no data folder given')
+    return [Path(f) for f in folders]
+
+
+def folder_names(folders: list[Path]) -> list[str]:
+    """A short, unique name per data folder (its own name, numbered when two share one): the per-folder columns of
+    history.csv and metrics.json."""
+    names = [Path(f).name or str(f) for f in folders]
+    return [name if names.count(name) == 1 else f'{name}{k}' for k, name in enumerate(names)]
+
+
+@dataclass
+class PhotoSplit:
+    """The photos of one or several folders and their train/validation split (`split_photos`).
+
+    `items`: every usable photo of every folder, folder by folder, as scanned; `frame`: the photos that train or
+    validate (items left out by the audit are not there), with columns path, label, source (the folder's index),
+    index (its row in `items`) and is_valid; `audit`: duplicate groups over `items`, across folders (None for a
+    stratified split)."""
+    folders: list[Path]
+    items: list[tuple[Path, str]]
+    frame: pd.DataFrame
+    audit: Audit | None = None
+    dropped: Counter = field(default_factory=Counter)   # photos left out by the audit, per class
+
+    @property
+    def train_idx(self) -> list[int]:
+        return self.frame.loc[~self.frame['is_valid'], 'index'].tolist()
+
+    @property
+    def valid_idx(self) -> list[int]:
+        return self.frame.loc[self.frame['is_valid'], 'index'].tolist()
+
+    @property
+    def names(self) -> list[str]:
+        return folder_names(self.folders)
+
+
+def split_photos(data, split: str = 'grouped', valid_pct: float = 0.2, seed: int = 0,
+                 limit_items: int | None = None) -> PhotoSplit:
+    """The photos of `data` (one folder or several) and their stratified, seeded train/validation split.
+
+    Each folder is split on its own, stratified by class, so that the first folder gets exactly the split it
+    gets alone: students trained on more folders are compared with older ones on the same validation photos.
+    'grouped' (see `audit.py`): copies of one photo stay on one side, also across folders (a later folder's group
+    of copies follows its copy in an earlier folder), and photos filed under two classes are left out, in one
+    folder or across two; 'stratified': photos split independently. `limit_items`: a class-balanced subset of
+    that many photos, shared among the folders by size (smoke tests)."""
+    if split not in ('grouped', 'stratified'):
+        raise ValueError(f'split must be "grouped" or "stratified", not {split!r}')
+    folders = data_folders(data)
+    scanned = [scan_image_folder(root).items for root in folders]
+    if limit_items is not None:
+        total = sum(map(len, scanned))
+        scanned = [stratified_subset(items, limit_items if len(folders) == 1 else round(limit_items * len(items)
+                                                                                       / total), seed)
+                   for items in scanned]
+    items = [item for folder in scanned for item in folder]
+    source = np.concatenate([np.full(len(folder), k) for k, folder in enumerate(scanned)])
+    is_valid = np.zeros(len(items), dtype=bool)
+    kept = np.ones(len(items), dtype=bool)
+    audit = None
+    if split == 'grouped':
+        hashes = perceptual_hashes([path for path, _ in items])
+        offsets = np.cumsum([0, *map(len, scanned)])
+        folder_audits = [audit_items(scanned[k], hashes=hashes[offsets[k]:offsets[k + 1]])
+                         for k in range(len(folders))]
+        for k, folder_audit in enumerate(folder_audits):
+            print(f'{folders[k]}: ' + folder_audit.report().splitlines()[0])
+            kept[offsets[k]:offsets[k + 1]] = np.isin(np.arange(len(scanned[k])), folder_audit.kept())
+        paths = [path for path, _ in items]
+        audit = Audit(items, duplicate_groups(hashes, keys=[flickr_id(p) for p in paths], pairs=listed_pairs(paths)))
+        _check_class_sizes(items, kept, folders, limit_items)
+        for k, folder_audit in enumerate(folder_audits):
+            rows = np.flatnonzero(kept[offsets[k]:offsets[k + 1]])
+            train, valid = grouped_stratified_split([scanned[k][i][1] for i in rows], folder_audit.group[rows],
+                                                    valid_pct, seed)
+            is_valid[offsets[k] + rows[valid]] = True
+            if k:
+                _follow_copies_in_earlier_folders(audit, folder_audit.group, offsets[k], source, kept, is_valid)
+    else:
+        _check_class_sizes(items, kept, folders, limit_items)
+        for k in range(len(folders)):
+            rows = np.flatnonzero(source == k)
+            _, valid = stratified_split([items[i][1] for i in rows], valid_pct, seed)
+            is_valid[rows[valid]] = True
+    frame = pd.DataFrame({'path': [Path(p) for p, _ in items], 'label': [label for _, label in items],
+                          'source': source, 'index': np.arange(len(items)), 'is_valid': is_valid})[kept]
+    dropped = Counter(items[i][1] for i in np.flatnonzero(~kept))
+    return PhotoSplit(folders, items, frame.reset_index(drop=True), audit, dropped)
+
+
+def _follow_copies_in_earlier_folders(audit: Audit, folder_group: np.ndarray, offset: int, source: np.ndarray,
+                                      kept: np.ndarray, is_valid: np.ndarray) -> None:
+    """A later folder's group of copies whose photo has a copy in an earlier folder goes to that copy's side of
+    the split, whole; where the copies carry different labels, the later folder's group is left out."""
+    k = source[offset]
+    rows = np.flatnonzero(source == k)
+    for group in np.unique(folder_group):
+        members = rows[folder_group == group]
+        members = members[kept[members]]
+        anchors = [i for i in np.flatnonzero(np.isin(audit.group, audit.group[members]))
+                   if source[i] < k and kept[i]]
+        if not len(members) or not anchors:
+            continue
+        anchor = min(anchors)
+        if any(audit.items[i][1] != audit.items[anchor][1] for i in members):
+            kept[members] = False
+        else:
+            is_valid[members] = is_valid[anchor]
+
+
+def _check_class_sizes(items, kept: np.ndarray, folders: list[Path], limit_items) -> None:
+    """Every class needs a photo on each side of the split: at least 2 usable ones. Without this an emptied
+    class (all its photos copies of photos filed under another class, left out by the audit) trains on, and its
+    accuracy is 0/0 in metrics.json."""
+    counts = Counter(items[i][1] for i in np.flatnonzero(kept))
+    dropped = Counter(items[i][1] for i in np.flatnonzero(~kept))
+    data = ' '.join(str(f) for f in folders)
+    for c in CLASSES:
+        if counts[c] >= 2:
+            continue
+        why = (f' after the audit left out {dropped[c]} of its photos as copies of photos filed under another class '
+               f'(listed by `python train.py audit --data {data}`)' if dropped[c] else '')
+        todo = (f'remove each copy from the folder where it does not belong, or add other photos of {c}'
+                if dropped[c] else f'add photos of {c}')
+        if limit_items is not None:
+            todo += ', or raise --limit'
+        raise DatasetError(f'class {c!r} has {counts[c]} usable photo(s){why}; every class needs at least 2 (one for '
+                           f'training, one for validation): {todo}')
+
+
+def stratified_subset(items, n, seed):
+    """A small class-balanced subset (for smoke tests and quick trials)."""
+    if n >= len(items):
+        return items
+    _, keep = stratified_split([label for _, label in items], valid_pct=n / len(items), seed=seed)
+    return [items[i] for i in keep]
 
 
 class FlowerImage(PILImage):
@@ -187,7 +337,10 @@ def flower_datablock(pp: Preprocessing, valid_pct: float = 0.2, seed: int = 0, m
     )
 
 
-def flower_dataloaders(items: list[tuple[Path, str]], pp: Preprocessing, bs: int = 32, valid_pct: float = 0.2,
-                       seed: int = 0, num_workers: int = 0, device=None, groups=None, **kwargs):
+def flower_dataloaders(items, pp: Preprocessing, bs: int = 32, valid_pct: float = 0.2, seed: int = 0,
+                       num_workers: int = 0, device=None, groups=None, **kwargs):
+    """fastai DataLoaders over `items`: (path, label) pairs, split here (`valid_pct`, `seed`, `groups`), or the
+    `frame` of a `split_photos` split."""
+    frame = items if isinstance(items, pd.DataFrame) else items_frame(items, groups)
     return flower_datablock(pp, valid_pct, seed, **kwargs).dataloaders(
-        items_frame(items, groups), bs=bs, num_workers=num_workers, device=device)
+        frame, bs=bs, num_workers=num_workers, device=device)

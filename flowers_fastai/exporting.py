@@ -184,22 +184,16 @@ def latest_run(runs_dir: Path, family: str) -> Path | None:
 
 
 def rebuild_split(config: dict):
-    """The run's photos and its split, rebuilt from config.json the way training made them: (items,
-    train_idx, valid_idx, audit). For runs that predate `valid_items.csv`, and for leak checks."""
+    """The run's photos and its split, rebuilt from config.json the way training made them (`split_photos`, one
+    folder or several): (items, train_idx, valid_idx, audit), indices into items; audit: duplicate groups across
+    every folder (computed here for a stratified split too, for leak checks). For runs that predate
+    `valid_items.csv`, and for leak checks."""
     from .audit import audit_items
-    from .data import grouped_stratified_split, scan_image_folder, stratified_split
+    from .data import split_photos
     split, split_seed = config.get('split', 'stratified'), Recipe.from_dict(config['recipe']).data_split_seed
-    valid_pct = config['recipe']['valid_pct']
-    items = scan_image_folder(config['data']).items
-    audit = audit_items(items)
-    if split == 'grouped':
-        kept = audit.kept()
-        labels = [items[i][1] for i in kept]
-        train_idx, valid_idx = grouped_stratified_split(labels, audit.group[kept], valid_pct, split_seed)
-        train_idx, valid_idx = [kept[i] for i in train_idx], [kept[i] for i in valid_idx]
-    else:
-        train_idx, valid_idx = stratified_split([label for _, label in items], valid_pct, split_seed)
-    return items, train_idx, valid_idx, audit
+    photos = split_photos(config['data'], split, config['recipe']['valid_pct'], split_seed)
+    audit = photos.audit or audit_items(photos.items)
+    return photos.items, photos.train_idx, photos.valid_idx, audit
 
 
 def validation_items(run_dir: Path) -> list[tuple[Path, str]]:

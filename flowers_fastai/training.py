@@ -16,18 +16,17 @@ import numpy as np
 import torch
 from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib
 from fastai.vision.all import (Adam, Callback, ClassificationInterpretation, CrossEntropyLossFlat, CSVLogger,
-                               EarlyStoppingCallback, GradientAccumulation, GradientClip, Learner, SaveModelCallback,
-                               accuracy, default_device, set_seed)
+                               EarlyStoppingCallback, GradientAccumulation, GradientClip, Learner, Metric,
+                               SaveModelCallback, accuracy, default_device, set_seed)
 
-from .audit import audit_items
 from .callbacks import MixUpCutMix, WeightEMA
-from .data import DatasetError, flower_dataloaders, scan_image_folder, stratified_split
+from .data import DatasetError, flower_dataloaders, split_photos
 from .exporting import VALID_ITEMS, RunFolderError, atomic_write, load_checkpoint, read_json, write_json
 from .labels import CLASSES
 from .lora import has_lora, merge_lora, merge_lora_state
 from .distill import Distillation, attach_distill_head, with_distill_head
 from .families import get_family
-from .metrics import accuracy_by_class
+from .metrics import accuracy_by_class, confusion_matrix
 from .models import create_model, layerwise_lrs
 from .preprocess import Preprocessing
 from .recipes import Phase, Recipe, recipe_phases
@@ -138,10 +137,44 @@ def _save_resume_point(learn: Learner, phase: int, epoch: int, best, ema: Weight
     return _save_checkpoint(learn, LAST, with_opt=True, extra=position)
 
 
-def make_learner(recipe: Recipe, dls, model, run_dir: Path) -> Learner:
+class FolderAccuracy(Metric):
+    """Validation accuracy on the photos of one data folder, for runs on several folders: the first folder's is
+    the number comparable with runs on that folder alone (`split_photos` gives it the same split). fastai's
+    metrics see predictions and targets only; the folder of each validation photo comes from the validation
+    DataLoader's items, which it reads in order (it never shuffles)."""
+
+    def __init__(self, source: int, name: str):
+        self.source, self._name = source, f'accuracy_{name}'
+
+    @property
+    def name(self):
+        return self._name
+
+    def reset(self):
+        self.seen = self.correct = self.total = 0
+
+    def accumulate(self, learn):
+        n = len(learn.y)
+        sources = torch.as_tensor(learn.dl.items['source'].to_numpy()[self.seen:self.seen + n])
+        self.seen += n
+        mine = (sources == self.source).to(learn.y.device)
+        self.correct += int(((learn.pred.argmax(-1) == learn.y) & mine).sum())
+        self.total += int(mine.sum())
+
+    @property
+    def value(self):
+        return self.correct / self.total if self.total else None
+
+
+def folder_metrics(names: list[str]) -> list[FolderAccuracy]:
+    """One accuracy per data folder when there are several (none for one: `accuracy` is that folder's)."""
+    return [FolderAccuracy(k, name) for k, name in enumerate(names)] if len(names) > 1 else []
+
+
+def make_learner(recipe: Recipe, dls, model, run_dir: Path, extra_metrics=()) -> Learner:
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(label_smoothing=recipe.label_smoothing),
                     opt_func=Adam,  # fastai's Adam with decoupled weight decay: AdamW
-                    wd=recipe.wd, metrics=accuracy, splitter=with_distill_head(get_family(recipe.family).splitter),
+                    wd=recipe.wd, metrics=[accuracy, *extra_metrics], splitter=with_distill_head(get_family(recipe.family).splitter),
                     path=run_dir, model_dir='models', cbs=[GradientClip(1.0)],
                     train_bn=False)  # frozen means frozen: no norm layer trains in a linear probe
     if default_device().type == 'cuda':
@@ -232,24 +265,6 @@ def _set_trainable(learn: Learner, trainable: int | None) -> None:
         learn.freeze_to(-trainable)
 
 
-def _check_class_sizes(items, dropped: Counter, data_dir, limit_items) -> None:
-    """Every class needs a photo on each side of the split: at least 2 usable ones. Without this an emptied
-    class (all its photos copies of photos filed under another class, left out by the audit) trains on, and its
-    accuracy is 0/0 in metrics.json."""
-    counts = Counter(label for _, label in items)
-    for c in CLASSES:
-        if counts[c] >= 2:
-            continue
-        why = (f' after the audit left out {dropped[c]} of its photos as copies of photos filed under another class '
-               f'(listed by `python train.py audit --data {data_dir}`)' if dropped[c] else '')
-        todo = (f'remove each copy from the folder where it does not belong, or add other photos of {c}'
-                if dropped[c] else f'add photos of {c}')
-        if limit_items is not None:
-            todo += ', or raise --limit'
-        raise DatasetError(f'class {c!r} has {counts[c]} usable photo(s){why}; every class needs at least 2 (one for '
-                           f'training, one for validation): {todo}')
-
-
 def _check_split_sides(dls, recipe: Recipe, split: str) -> None:
     """Before training: each class on both sides of the split, and at least one full training batch (fastai
     drops an incomplete one: fewer photos than `bs` would be 0 batches, an epoch that trains nothing)."""
@@ -277,26 +292,12 @@ def prepare_learner(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, p
     config.json records. `split`: 'grouped' audits the photos first (audit.py): copies of one photo stay on one
     side and photos filed under two classes are left out; 'stratified' splits photos independently."""
     set_seed(recipe.seed, reproducible=False)
-    split_seed = recipe.data_split_seed
-    scanned = scan_image_folder(data_dir)
-    items = scanned.items if limit_items is None else _stratified_subset(scanned.items, limit_items, split_seed)
-    groups, left_out, dropped = None, 0, Counter()
-    if split == 'grouped':
-        audit = audit_items(items)
-        kept = audit.kept()
-        left_out = len(items) - len(kept)
-        print(audit.report().splitlines()[0])
-        dropped = Counter(label for _, label in items) - Counter(items[i][1] for i in kept)
-        items, groups = [items[i] for i in kept], audit.group[kept]
-    elif split != 'stratified':
-        raise ValueError(f'split must be "grouped" or "stratified", not {split!r}')
-    _check_class_sizes(items, dropped, data_dir, limit_items)
+    photos = split_photos(data_dir, split, recipe.valid_pct, recipe.data_split_seed, limit_items)
     pp = preprocessing_for(recipe)
 
     def dataloaders_at(size: int | None = None):   # progressive resizing rebuilds them at another size
-        return flower_dataloaders(items, preprocessing_for(recipe, size), bs=recipe.bs, valid_pct=recipe.valid_pct,
-                                  seed=split_seed, num_workers=num_workers, min_scale=recipe.min_scale,
-                                  groups=groups, randaugment=recipe.randaugment,
+        return flower_dataloaders(photos.frame, preprocessing_for(recipe, size), bs=recipe.bs,
+                                  num_workers=num_workers, min_scale=recipe.min_scale, randaugment=recipe.randaugment,
                                   randaugment_magnitude=recipe.randaugment_magnitude,
                                   color_jitter=recipe.color_jitter, random_erasing=recipe.random_erasing)
     dls = dataloaders_at()
@@ -307,14 +308,15 @@ def prepare_learner(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, p
         teacher, teacher_pp = load_teacher(recipe.teacher)
         if recipe.distill_features:
             attach_distill_head(model, teacher)
-    learn = make_learner(recipe, dls, model, Path(run_dir))
+    learn = make_learner(recipe, dls, model, Path(run_dir), folder_metrics(photos.names))
     learn.dataloaders_at, learn.dls_size = dataloaders_at, pp.size
     if teacher is not None:
         learn.add_cb(Distillation(teacher, (teacher_pp['mean'], teacher_pp['std']), (pp.mean, pp.std),
                                   alpha=recipe.distill_alpha, temperature=recipe.distill_temperature,
                                   feature_weight=recipe.distill_features, teacher_size=recipe.teacher_size or None))
     config = {'recipe': asdict(recipe), 'preprocessing': asdict(delivery_preprocessing(recipe)), 'classes': CLASSES,
-              'data': str(Path(data_dir).resolve()), 'split': split, 'left_out_filed_under_two_classes': left_out,
+              'data': [str(folder.resolve()) for folder in photos.folders], 'split': split,
+              'left_out_filed_under_two_classes': sum(photos.dropped.values()),
               'n_train': len(dls.train_ds), 'n_valid': len(dls.valid_ds),
               'pretrained': str(pretrained) if pretrained else False, 'torch': torch.__version__}
     config.update(get_family(recipe.family).run_config(model))   # e.g. the ViT's tower shape
@@ -521,7 +523,9 @@ def report_run(learn: Learner, run_dir: Path, seconds: float | None = None) -> d
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     interp = ClassificationInterpretation.from_learner(learn)
-    cm = interp.confusion_matrix()
+    _, targs, decoded = learn.get_preds(dl=interp.dl, with_decoded=True)
+    cm = confusion_matrix(targs, decoded)
+    interp.confusion_matrix = lambda: cm   # what plot_confusion_matrix draws: no second pass over the photos
     np.savetxt(run_dir / 'confusion_matrix.csv', cm, fmt='%d', delimiter=',', header=','.join(CLASSES))
     interp.plot_confusion_matrix(figsize=(6, 6), title=f'{run_dir.name}: validation confusion matrix')
     plt.savefig(run_dir / 'confusion_matrix.png', dpi=100, bbox_inches='tight')
@@ -529,16 +533,13 @@ def report_run(learn: Learner, run_dir: Path, seconds: float | None = None) -> d
     # a class with no validation photo has no accuracy: null, not NaN (prepare_learner refuses such a split)
     valid_accuracy, n_valid, per_class = accuracy_by_class(cm)
     metrics = {'valid_accuracy': valid_accuracy, 'n_valid': n_valid, 'per_class_accuracy': per_class}
+    by_folder = [m for m in learn.metrics if isinstance(m, FolderAccuracy)]
+    if by_folder:   # validation photos are in the DataLoader's order, as the interpretation's predictions
+        sources, right = interp.dl.items['source'].to_numpy(), (decoded == targs).numpy()
+        metrics['valid_accuracy_by_folder'] = {m.name.removeprefix('accuracy_'): float(right[sources == m.source]
+                                                                                       .mean()) for m in by_folder}
     if seconds is not None:
         metrics['train_seconds'] = round(seconds, 1)
     write_json(run_dir / 'metrics.json', metrics)   # strict JSON: a NaN is refused, never written
     print(json.dumps(metrics, indent=2))
     return metrics
-
-
-def _stratified_subset(items, n, seed):
-    """A small class-balanced subset (for smoke tests and quick trials)."""
-    if n >= len(items):
-        return items
-    _, keep = stratified_split([label for _, label in items], valid_pct=n / len(items), seed=seed)
-    return [items[i] for i in keep]
