@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt('--seed', 'seed', int, 'seed of Python, NumPy, PyTorch and the split')
     opt('--split-seed', 'split_seed', int, "the split's own seed (e.g. a teacher's split for students of several "
                                           'seeds); -1 = --seed')
+    opt('--cache-size', 'cache_size', int, 'decode every photo once into memory at this size (px; at least the '
+                                          'largest training size) and augment batches as tensors; 0 = from disk')
     opt('--min-scale', 'min_scale', float, "RandomResizedCrop's smallest crop, as a fraction of the photo")
     opt('--randaugment', 'randaugment', int, 'RandAugment operations per training photo; 0 = off')
     opt('--randaugment-magnitude', 'randaugment_magnitude', int, 'RandAugment magnitude (0-30)')
@@ -93,14 +95,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                                             'folder or an exported .pth), then train as from scratch: one phase, '
                                             'everything (default: none)')
     d = parser.add_argument_group('knowledge distillation (cnn, vit)')
-    d.add_argument('--teacher', help='distil from this teacher: a run folder (e.g. runs/lite0, trained with `train.py '
-                                     'teacher`) or an exported cnn/vit .pth (default: none)')
+    d.add_argument('--teacher', nargs='+', help='distil from this teacher: a run folder (e.g. runs/lite0, trained '
+                                                'with `train.py teacher`) or an exported cnn/vit .pth; several: '
+                                                'their averaged probabilities at --distill-temperature (default: none)')
     for flag, field, typ, help_ in [
             ('--distill-alpha', 'distill_alpha', float, 'weight of the KL term (1 - alpha: the recipe loss)'),
             ('--distill-temperature', 'distill_temperature', float, 'softmax temperature T of the KL term'),
             ('--distill-features', 'distill_features', float, 'weight of the feature term (cosine to the teacher\'s '
                                                               'pooled features, through a projection dropped at export); 0 = logits only'),
-            ('--teacher-size', 'teacher_size', int, "the teacher's input size (the student's batch resized); 0 = the student's")]:
+            ('--teacher-size', 'teacher_size', int, "the teachers' input size (the student's batch resized); 0 = the "
+                                                    "student's, -1 = each teacher's own training size")]:
         d.add_argument(flag, dest=field, type=typ, help=f'{help_} (default: {getattr(cnn, field)})')
     parser.add_argument('--seeds', type=int, nargs='+',
                         help='seeds protocol: one full training per seed under runs/<name>/seed<k>, then summary.md '
@@ -144,9 +148,10 @@ def main(argv=None) -> int:
                      'train it again under another --name')
         args.split = settings.get('split', 'stratified')
     else:
-        for field in ('teacher', 'init_from'):   # absolute, so that --resume finds them from anywhere
-            if getattr(args, field):
-                setattr(args, field, str(Path(getattr(args, field)).resolve()))
+        if args.init_from:   # absolute, so that --resume finds them from anywhere
+            args.init_from = str(Path(args.init_from).resolve())
+        if args.teacher:
+            args.teacher = tuple(str(Path(t).resolve()) for t in args.teacher)
         recipe = RECIPES[args.family].override(**vars(args))
         if args.init_from and args.pretrained_file:
             sys.exit('error: --init-from and --pretrained-file both give the starting weights: choose one')

@@ -12,6 +12,9 @@ reusable piece, hence this one.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from fastai.callback.mixup import MixHandler
@@ -26,9 +29,20 @@ DISTILL_HEAD = 'distill_head'   # the projection's name in the student: its keys
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """T^2 * KL(teacher/T || student/T), averaged over the batch (the T^2 keeps its gradients at the scale of the
     cross-entropy's as T changes, Hinton et al.)."""
+    return kd_loss_to(student_logits, ensemble_log_probs([teacher_logits], temperature), temperature)
+
+
+def ensemble_log_probs(teacher_logits: list[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """log of the teachers' averaged probabilities at temperature T (one teacher: its log_softmax(logits / T))."""
+    log_probs = torch.stack([F.log_softmax(t.float() / temperature, -1) for t in teacher_logits])
+    return torch.logsumexp(log_probs, 0) - math.log(len(teacher_logits))
+
+
+def kd_loss_to(student_logits: torch.Tensor, target_log_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * KL(target || student/T), averaged over the batch; `target_log_probs` from `ensemble_log_probs`."""
     t = temperature
-    return F.kl_div(F.log_softmax(student_logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
-                    log_target=True, reduction='batchmean') * t * t
+    return F.kl_div(F.log_softmax(student_logits.float() / t, -1), target_log_probs, log_target=True,
+                    reduction='batchmean') * t * t
 
 
 def feature_loss(projected: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
@@ -71,31 +85,51 @@ class _PooledFeatures:
         self.handle.remove()
 
 
-class Distillation(Callback):
-    """Distil `teacher` into the learner's model during training (validation is left untouched).
+@dataclass
+class Teacher:
+    """A frozen teacher network and the input it wants: its normalisation and its size (None: the student's)."""
+    model: nn.Module
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    size: int | None = None
 
-    `teacher_stats` / `student_stats`: the (mean, std) each network's input is normalised with; the teacher's
-    input is the student's batch, un-normalised and normalised again, resized to `teacher_size` when given (a
-    lower resolution makes the teacher's forward cheaper; a higher one may suit it better)."""
+
+class Distillation(Callback):
+    """Distil `teachers` into the learner's model during training (validation is left untouched); several teachers
+    teach their averaged probabilities at the distillation temperature.
+
+    `student_stats`: the (mean, std) the student's input is normalised with; each teacher's input is the
+    student's batch, un-normalised and normalised again with its own statistics, resized to its own size when
+    it has one (a lower resolution makes the teacher's forward cheaper; a higher one may suit it better)."""
     order = MixHandler.order + 1   # before_batch after MixUp / CutMix: the teacher sees the mixed batch
     run_valid = False
 
-    def __init__(self, teacher: nn.Module, teacher_stats, student_stats, alpha: float = 0.5,
-                 temperature: float = 1.0, feature_weight: float = 0.0, teacher_size: int | None = None):
+    def __init__(self, teachers: Teacher | list[Teacher], student_stats, alpha: float = 0.5,
+                 temperature: float = 1.0, feature_weight: float = 0.0):
+        teachers = [teachers] if isinstance(teachers, Teacher) else list(teachers)
+        if not teachers:
+            raise ValueError('distillation needs at least one teacher')
         if not 0 <= alpha <= 1:
             raise ValueError(f'distill alpha must be in [0, 1], not {alpha}')
         if temperature <= 0:
             raise ValueError(f'distill temperature must be positive, not {temperature}')
-        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
-        self.feature_weight, self.teacher_size = feature_weight, teacher_size
-        self.teacher_stats = [torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in teacher_stats]
+        if feature_weight and len(teachers) > 1:
+            raise ValueError('feature distillation matches one teacher\'s features: give one teacher, or '
+                             'distill_features 0 for an ensemble')
+        self.teachers, self.alpha, self.temperature = teachers, alpha, temperature
+        self.feature_weight = feature_weight
         self.student_stats = [torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in student_stats]
-        self.teacher_logits = self.teacher_input = None
+        self.target = self.teacher_input = None
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The first teacher's network (the one feature distillation matches)."""
+        return self.teachers[0].model
 
     def before_fit(self):
         device = self.dls.device
-        self.teacher.to(device).eval().requires_grad_(False)
-        self.teacher_stats = [s.to(device) for s in self.teacher_stats]
+        for teacher in self.teachers:
+            teacher.model.to(device).eval().requires_grad_(False)
         self.student_stats = [s.to(device) for s in self.student_stats]
         self.hooks = None
         if self.feature_weight:
@@ -103,21 +137,26 @@ class Distillation(Callback):
                 raise ValueError('feature distillation needs the student built with attach_distill_head')
             self.hooks = (_PooledFeatures(self.learn.model), _PooledFeatures(self.teacher))
 
-    def _teacher_view(self, x: torch.Tensor) -> torch.Tensor:
-        (s_mean, s_std), (t_mean, t_std) = self.student_stats, self.teacher_stats
+    def _teacher_view(self, x: torch.Tensor, teacher: Teacher) -> torch.Tensor:
+        s_mean, s_std = self.student_stats
+        t_mean, t_std = (torch.tensor(v, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+                         for v in (teacher.mean, teacher.std))
         x = (x.float() * s_std + s_mean - t_mean) / t_std
-        if self.teacher_size and self.teacher_size != x.shape[-1]:
-            x = F.interpolate(x, size=(self.teacher_size, self.teacher_size), mode='bilinear', antialias=True,
+        if teacher.size and teacher.size != x.shape[-1]:
+            x = F.interpolate(x, size=(teacher.size, teacher.size), mode='bilinear', antialias=True,
                               align_corners=False)
         return x
 
     def before_batch(self):
-        self.teacher_input = self._teacher_view(self.xb[0])
+        logits = []
         with torch.no_grad():
-            self.teacher_logits = self.teacher(self.teacher_input)
+            for teacher in self.teachers:
+                self.teacher_input = self._teacher_view(self.xb[0], teacher)
+                logits.append(teacher.model(self.teacher_input))
+            self.target = ensemble_log_probs(logits, self.temperature)
 
     def after_loss(self):
-        loss = self.alpha * kd_loss(self.pred, self.teacher_logits, self.temperature)
+        loss = self.alpha * kd_loss_to(self.pred, self.target, self.temperature)
         if self.alpha < 1:
             loss = loss + (1 - self.alpha) * self.learn.loss_grad
         if self.hooks:

@@ -3,6 +3,9 @@ recipe trains in. Where each default comes from in the seed: docs/training.md.""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+OWN_SIZE = -1   # teacher_size: each teacher at the size it was trained at
 
 
 @dataclass(frozen=True)
@@ -48,13 +51,24 @@ class Recipe:
     # recipe's loss + distill_features * (1 - cos) of the projected pooled features.
     init_from: str = ''            # start from these trained weights of the same network (run folder or exported
                                    # .pth, head included), then train as from scratch; '' = off
-    teacher: str = ''              # a teacher run folder or exported .pth; '' = no distillation
+    teacher: tuple[str, ...] = ()  # teacher run folders or exported .pth files (several: their averaged
+                                   # probabilities at temperature T teach); () = no distillation
     distill_alpha: float = 0.5
     distill_temperature: float = 1.0
     distill_features: float = 0.0
-    teacher_size: int = 0          # the teacher's input size (the student's batch resized); 0 = the student's
+    teacher_size: int = 0          # the teachers' input size (the student's batch resized); 0 = the student's,
+                                   # -1 (OWN_SIZE) = each teacher's own training size
+    cache_size: int = 0            # > 0: photos decoded once into memory at this size (px) and augmented as batches
+                                   # of tensors (photo_cache.py); 0: decoded from disk, augmented one by one, each epoch
     split_seed: int = -1           # the split's own seed, -1 = `seed`: students of several seeds on their teacher's
                                    # split (another split would put the teacher's training photos in validation)
+
+    def __post_init__(self):
+        # config.json holds a list; runs saved before several teachers were possible, a string ('' = none)
+        teacher = self.teacher
+        if isinstance(teacher, (str, Path)):
+            teacher = (str(teacher),) if str(teacher) else ()
+        object.__setattr__(self, 'teacher', tuple(str(t) for t in teacher))
 
     @property
     def data_split_seed(self) -> int:

@@ -24,12 +24,13 @@ from .data import DatasetError, flower_dataloaders, split_photos
 from .exporting import VALID_ITEMS, RunFolderError, atomic_write, load_checkpoint, read_json, write_json
 from .labels import CLASSES
 from .lora import has_lora, merge_lora, merge_lora_state
-from .distill import Distillation, attach_distill_head, with_distill_head
+from .distill import Distillation, Teacher, attach_distill_head, with_distill_head
 from .families import get_family
 from .metrics import accuracy_by_class, confusion_matrix
 from .models import create_model, layerwise_lrs
 from .preprocess import Preprocessing
-from .recipes import Phase, Recipe, recipe_phases
+from .photo_cache import PhotoCache, cached_datablock
+from .recipes import OWN_SIZE, Phase, Recipe, recipe_phases
 from .teachers import load_teacher
 
 BEST, LAST = 'best', 'last'   # checkpoint names under <run>/models/
@@ -155,7 +156,7 @@ class FolderAccuracy(Metric):
 
     def accumulate(self, learn):
         n = len(learn.y)
-        sources = torch.as_tensor(learn.dl.items['source'].to_numpy()[self.seen:self.seen + n])
+        sources = torch.tensor(learn.dl.items['source'].to_numpy()[self.seen:self.seen + n])
         self.seen += n
         mine = (sources == self.source).to(learn.y.device)
         self.correct += int(((learn.pred.argmax(-1) == learn.y) & mine).sum())
@@ -169,6 +170,14 @@ class FolderAccuracy(Metric):
 def folder_metrics(names: list[str]) -> list[FolderAccuracy]:
     """One accuracy per data folder when there are several (none for one: `accuracy` is that folder's)."""
     return [FolderAccuracy(k, name) for k, name in enumerate(names)] if len(names) > 1 else []
+
+
+def teacher_input_size(recipe: Recipe, teacher_preprocessing: dict) -> int | None:
+    """The size a teacher sees the student's batch at: `teacher_size` when > 0, the teacher's own training size
+    when -1 (`OWN_SIZE`), the student's own when 0 (None: the batch as it is)."""
+    if recipe.teacher_size == OWN_SIZE:
+        return int(teacher_preprocessing['size'])
+    return recipe.teacher_size or None
 
 
 def make_learner(recipe: Recipe, dls, model, run_dir: Path, extra_metrics=()) -> Learner:
@@ -295,25 +304,35 @@ def prepare_learner(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, p
     photos = split_photos(data_dir, split, recipe.valid_pct, recipe.data_split_seed, limit_items)
     pp = preprocessing_for(recipe)
 
+    augment = dict(min_scale=recipe.min_scale, randaugment=recipe.randaugment,
+                   randaugment_magnitude=recipe.randaugment_magnitude, color_jitter=recipe.color_jitter,
+                   random_erasing=recipe.random_erasing)
+    cache = None
+
     def dataloaders_at(size: int | None = None):   # progressive resizing rebuilds them at another size
-        return flower_dataloaders(photos.frame, preprocessing_for(recipe, size), bs=recipe.bs,
-                                  num_workers=num_workers, min_scale=recipe.min_scale, randaugment=recipe.randaugment,
-                                  randaugment_magnitude=recipe.randaugment_magnitude,
-                                  color_jitter=recipe.color_jitter, random_erasing=recipe.random_erasing)
+        nonlocal cache
+        if not recipe.cache_size:
+            return flower_dataloaders(photos.frame, preprocessing_for(recipe, size), bs=recipe.bs,
+                                      num_workers=num_workers, **augment)
+        if cache is None:
+            started = time.time()
+            cache = PhotoCache(photos.frame, recipe.cache_size)
+            print(f'{len(cache.train)} training photos decoded into memory at {recipe.cache_size} px '
+                  f'({cache.nbytes / 2 ** 20:.0f} MiB, {time.time() - started:.0f} s)')
+        return cached_datablock(cache, preprocessing_for(recipe, size), **augment).dataloaders(
+            photos.frame, bs=recipe.bs, num_workers=num_workers)
     dls = dataloaders_at()
     model = create_model(recipe, pretrained=pretrained)   # first: an unknown architecture or tag is said first
     _check_split_sides(dls, recipe, split)   # before any training
-    teacher = None
-    if recipe.teacher:
-        teacher, teacher_pp = load_teacher(recipe.teacher)
-        if recipe.distill_features:
-            attach_distill_head(model, teacher)
+    teachers = [load_teacher(source) for source in recipe.teacher]
+    if recipe.distill_features and teachers:
+        attach_distill_head(model, teachers[0][0])
     learn = make_learner(recipe, dls, model, Path(run_dir), folder_metrics(photos.names))
     learn.dataloaders_at, learn.dls_size = dataloaders_at, pp.size
-    if teacher is not None:
-        learn.add_cb(Distillation(teacher, (teacher_pp['mean'], teacher_pp['std']), (pp.mean, pp.std),
-                                  alpha=recipe.distill_alpha, temperature=recipe.distill_temperature,
-                                  feature_weight=recipe.distill_features, teacher_size=recipe.teacher_size or None))
+    if teachers:
+        learn.add_cb(Distillation([Teacher(net, tuple(tpp['mean']), tuple(tpp['std']), teacher_input_size(recipe, tpp))
+                                   for net, tpp in teachers], (pp.mean, pp.std), alpha=recipe.distill_alpha,
+                                  temperature=recipe.distill_temperature, feature_weight=recipe.distill_features))
     config = {'recipe': asdict(recipe), 'preprocessing': asdict(delivery_preprocessing(recipe)), 'classes': CLASSES,
               'data': [str(folder.resolve()) for folder in photos.folders], 'split': split,
               'left_out_filed_under_two_classes': sum(photos.dropped.values()),

@@ -140,3 +140,99 @@ def test_one_scanner_strict_for_training_and_evaluation_lenient_for_prediction(t
     with pytest.raises(DatasetError, match=r"\['cats'\] name no class"):
         scan_folder(root, error=DatasetError)
     assert len(scan_folder(root, strict=False).items) == len(rglob)   # lenient: any folder name
+
+
+# ------------------------------------------------------------------------------------------- several data folders
+def _textured_folder(root, seed, per_class=8, size=(40, 32)):
+    """Photos distinct enough that no two are copies by pHash (random noise per photo)."""
+    rng = np.random.default_rng(seed)
+    for c in CLASSES:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(root / c / f'{seed}_{i}.png')
+    return root
+
+
+def _valid_paths(photos, source=None):
+    frame = photos.frame
+    if source is not None:
+        frame = frame[frame.source == source]
+    return set(frame.loc[frame.is_valid, 'path'])
+
+
+@pytest.mark.parametrize('split', ['stratified', 'grouped'])
+def test_the_first_folder_keeps_its_own_split_when_a_second_is_added(tmp_path, split):
+    from flowers_fastai.data import split_photos
+    first, second = _textured_folder(tmp_path / 'a', 0), _textured_folder(tmp_path / 'b', 1)
+    for seed in (0, 3):
+        alone = split_photos(first, split, 0.25, seed)
+        both = split_photos([first, second], split, 0.25, seed)
+        assert _valid_paths(both, source=0) == _valid_paths(alone)
+        assert set(both.frame.source) == {0, 1} and both.names == ['a', 'b']
+        for k in (0, 1):   # each folder stratified on its own: 2 of 8 photos per class in validation
+            side = both.frame[(both.frame.source == k) & both.frame.is_valid]
+            assert Counter(side.label) == {c: 2 for c in CLASSES}
+        # the same indices as rebuild_split's: items folder by folder
+        assert {both.items[i][0] for i in both.valid_idx} == _valid_paths(both)
+    assert _valid_paths(split_photos([first, second], split, 0.25, 0)) != \
+        _valid_paths(split_photos([first, second], split, 0.25, 3))
+
+
+def test_a_copy_in_a_later_folder_goes_to_its_copys_side_and_a_cross_class_copy_is_left_out(tmp_path):
+    import shutil
+    from flowers_fastai.data import split_photos
+    first, second = _textured_folder(tmp_path / 'a', 0), _textured_folder(tmp_path / 'b', 1)
+    alone = split_photos(first, 'grouped', 0.25, 0)
+    valid_rose = sorted(p for p in _valid_paths(alone) if p.parent.name == 'rose')[0]
+    train_rose = sorted(p for p in set(alone.frame.path) - _valid_paths(alone) if p.parent.name == 'rose')[0]
+    shutil.copy(valid_rose, second / 'rose' / 'copy_of_valid.png')     # same class: follows its copy
+    shutil.copy(train_rose, second / 'rose' / 'copy_of_train.png')
+    valid_daisy = sorted(p for p in _valid_paths(alone) if p.parent.name == 'daisy')[0]
+    shutil.copy(valid_daisy, second / 'tulip' / 'copy_filed_as_tulip.png')   # another class: left out
+    both = split_photos([first, second], 'grouped', 0.25, 0)
+    valid = _valid_paths(both)
+    assert second / 'rose' / 'copy_of_valid.png' in valid
+    assert second / 'rose' / 'copy_of_train.png' in set(both.frame.path) - valid
+    assert second / 'tulip' / 'copy_filed_as_tulip.png' not in set(both.frame.path)
+    assert _valid_paths(both, source=0) == _valid_paths(alone)   # the first folder's photos never move
+    # a stratified split splits photos independently: the cross-class copy stays
+    assert second / 'tulip' / 'copy_filed_as_tulip.png' in set(split_photos([first, second], 'stratified').frame.path)
+
+
+def test_near_duplicates_listed_beside_a_folder_stay_on_one_side(tmp_path):
+    from flowers_fastai.data import split_photos
+    folder = _textured_folder(tmp_path / 'b', 1)
+    pairs = [(f'{c}/1_{i}.png', f'{c}/1_{i + 1}.png') for c in CLASSES for i in (0, 2, 4)]
+    (tmp_path / 'b-near-duplicates.tsv').write_text('a\tb\thamming\n' + ''.join(f'{a}\t{b}\t4\n' for a, b in pairs))
+    for seed in range(4):
+        photos = split_photos(folder, 'grouped', 0.25, seed)
+        valid = {p.relative_to(folder).as_posix() for p in _valid_paths(photos)}
+        assert all((a in valid) == (b in valid) for a, b in pairs)
+        assert photos.audit.report().startswith('40 photos; 15 groups of copies')
+    (tmp_path / 'b-near-duplicates.tsv').unlink()
+    assert split_photos(folder, 'grouped', 0.25, 0).audit.groups() == []
+
+
+def test_data_folders_reads_one_path_several_and_what_config_json_recorded():
+    from pathlib import Path
+    from flowers_fastai.data import data_folders, folder_names
+    assert data_folders('x/flowers') == [Path('x/flowers')]
+    assert data_folders(['x/flowers', Path('y/flickr')]) == [Path('x/flowers'), Path('y/flickr')]
+    assert folder_names([Path('a/flowers'), Path('b/flowers'), Path('c/flickr')]) == ['flowers0', 'flowers1', 'flickr']
+    with pytest.raises(DatasetError, match='no data folder'):
+        data_folders([])
+
+
+def test_real_folders_split_together_give_the_first_its_split_alone():
+    """The shipped file's 778 validation photos (stratified, seed 0) stay the first folder's validation photos
+    when the flickr folder joins: old and new students are compared on the same photos."""
+    from flowers_fastai.data import split_photos
+    flickr = DATA_DIR.parent / 'flowers-flickr'
+    if not flickr.is_dir():
+        pytest.skip(f'{flickr} is absent')
+    labels = [label for _, label in scan_image_folder(DATA_DIR).items]
+    _, valid = stratified_split(labels, 0.2, 0)
+    alone = {scan_image_folder(DATA_DIR).items[i][0] for i in valid}
+    both = split_photos([DATA_DIR, flickr], 'stratified', 0.2, 0)
+    assert len(alone) == 778 and _valid_paths(both, source=0) == alone
+    assert len(_valid_paths(both, source=1)) == 606

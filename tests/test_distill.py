@@ -255,7 +255,7 @@ def test_resume_keeps_the_teacher(colour_folder, teacher_run, tmp_path, monkeypa
     learn = train(recipe, colour_folder, run, pretrained=False, resume=True)
     assert list(pd.read_csv(run / 'history.csv').epoch) == [0, 1, 2]
     assert any(isinstance(cb, Distillation) for cb in learn.cbs)
-    assert json.loads((run / 'config.json').read_text())['recipe']['teacher'] == str(teacher_run)
+    assert json.loads((run / 'config.json').read_text())['recipe']['teacher'] == [str(teacher_run)]
 
 
 def test_a_crafted_pickle_as_teacher_is_refused_and_never_runs(tmp_path):
@@ -317,7 +317,7 @@ def test_the_real_world_recipe_a_vit_teacher_for_a_cnn_student_and_a_vit_student
                   pretrained=False, split='stratified')
     distill = next(cb for cb in learn.cbs if isinstance(cb, Distillation))
     from flowers_fastai.preprocess import CLIP_MEAN, IMAGENET_MEAN
-    assert torch.allclose(distill.teacher_stats[0].flatten(), torch.tensor(CLIP_MEAN))
+    assert torch.allclose(torch.tensor(distill.teachers[0].mean), torch.tensor(CLIP_MEAN))
     assert torch.allclose(distill.student_stats[0].flatten(), torch.tensor(IMAGENET_MEAN))
     assert getattr(learn.model, DISTILL_HEAD).out_features == 32          # the tiny CLIP tower's width
 
@@ -339,3 +339,76 @@ def test_an_exported_file_is_a_teacher_with_its_sidecars_size(tiny_cnn_file, tmp
     bad.with_suffix('.json').write_text('{"image_size": "big"}')
     with pytest.raises(ValueError, match='image_size'):                    # checked as the delivery loader does
         load_teacher(bad)
+
+
+# ------------------------------------------------------------------------------------------ an ensemble of teachers
+def test_the_ensemble_target_is_the_teachers_averaged_probabilities_at_the_temperature():
+    from flowers_fastai.distill import ensemble_log_probs, kd_loss_to
+    g = torch.Generator().manual_seed(0)
+    a, b, student = (torch.randn(6, 5, generator=g) * 3 for _ in range(3))
+    for t in (1.0, 4.0):
+        mean = ((a / t).softmax(-1) + (b / t).softmax(-1)) / 2
+        torch.testing.assert_close(ensemble_log_probs([a, b], t).exp(), mean)
+        torch.testing.assert_close(ensemble_log_probs([a], t), F.log_softmax(a / t, -1))   # one teacher: itself
+        expected = (mean * (mean.log() - F.log_softmax(student / t, -1))).sum(-1).mean() * t * t
+        torch.testing.assert_close(kd_loss_to(student, ensemble_log_probs([a, b], t), t), expected)
+    # the average of probabilities, not of logits: a confident and an unsure teacher are not one middling one
+    assert not torch.allclose(ensemble_log_probs([a, b]), F.log_softmax((a + b) / 2, -1), atol=1e-3)
+
+
+def test_two_teachers_each_see_the_batch_at_their_own_size_and_teach_their_average(colour_folder, teacher_run,
+                                                                                    tmp_path, monkeypatch):
+    """--teacher A B --teacher-size -1: each teacher gets the student's batch at the size it was trained at (here
+    32 and 24 px), and the target is their averaged probabilities."""
+    from flowers_fastai.distill import ensemble_log_probs
+    second = tmp_path / 'teacher24'
+    train(TINY_TEACHER.override(size=24, seed=1), colour_folder, second, pretrained=False, split='stratified')
+    seen = []
+    original = Distillation.before_batch
+
+    def spy(self):
+        inputs = []
+        hooks = [t.model.register_forward_pre_hook(lambda m, inp: inputs.append(inp[0])) for t in self.teachers]
+        original(self)
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            expected = ensemble_log_probs([t.model(x) for t, x in zip(self.teachers, inputs)], self.temperature)
+        torch.testing.assert_close(self.target, expected)
+        seen.append([x.shape[-1] for x in inputs])
+    monkeypatch.setattr(Distillation, 'before_batch', spy)
+    recipe = TINY_CNN.override(teacher=(str(teacher_run), str(second)), teacher_size=-1, size=40)
+    learn = train(recipe, colour_folder, tmp_path / 'student', pretrained=False, split='stratified')
+    assert seen and all(sizes == [32, 24] for sizes in seen)
+    assert len(next(cb for cb in learn.cbs if isinstance(cb, Distillation)).teachers) == 2
+    assert json.loads((tmp_path / 'student' / 'config.json').read_text())['recipe']['teacher'] == \
+        [str(teacher_run), str(second)]
+
+
+def test_feature_distillation_from_an_ensemble_is_refused(teacher_run):
+    from flowers_fastai.distill import Teacher
+    teacher = Teacher(load_teacher(teacher_run)[0], (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(ValueError, match='one teacher'):
+        Distillation([teacher, teacher], ((0.5,) * 3, (0.5,) * 3), feature_weight=1.0)
+
+
+def test_the_recipe_reads_one_teacher_several_or_none_as_older_runs_saved_them():
+    from flowers_fastai.recipes import CNN, Recipe
+    from dataclasses import asdict
+    assert CNN.teacher == () and CNN.override(teacher='runs/t').teacher == ('runs/t',)
+    assert CNN.override(teacher=['a', 'b']).teacher == ('a', 'b')
+    old = {**asdict(CNN), 'teacher': ''}
+    assert Recipe.from_dict(old).teacher == () and Recipe.from_dict({**old, 'teacher': 'x'}).teacher == ('x',)
+    assert Recipe.from_dict(json.loads(json.dumps(asdict(CNN.override(teacher=('a', 'b')))))) == \
+        CNN.override(teacher=('a', 'b'))
+
+
+def test_train_py_takes_several_teachers_and_data_folders():
+    import importlib.util
+    from .conftest import REPO
+    spec = importlib.util.spec_from_file_location('train_cli', REPO / 'train.py')
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    args = cli.parse_args(['cnn', '--data', 'a', 'b', '--teacher', 't0', 't1', '--teacher-size', '-1'])
+    assert [str(p) for p in args.data] == ['a', 'b'] and args.teacher == ['t0', 't1'] and args.teacher_size == -1
+    assert [str(p) for p in cli.parse_args(['cnn']).data] == [str(cli.DEFAULT_DATA)]
