@@ -562,3 +562,39 @@ def test_export_never_replaces_a_file_with_one_submit_would_refuse(case, cnn_run
     assert isinstance(code, str) and code.startswith('error: ') and 'refused' in code and '\n' not in code, code
     assert {p.name: p.read_bytes() for p in (out, out.with_suffix('.json'))} == before
     assert sorted(p.name for p in out.parent.iterdir()) == sorted(before)   # no temporary file left
+
+
+# ------------------------------------------------------------------------------------------ options that cannot train
+@pytest.mark.parametrize('option', [['--arch', 'convnextv2_gigantic'], ['--bs', '0'], ['--accumulate', '0'],
+                                    ['--accumulate', '-1'], ['--lr', '0'], ['--lr=-1e-3'], ['--lr', 'nan'],
+                                    ['--epochs', '-2']])
+def test_an_option_that_cannot_train_is_refused_with_one_sentence(option, colour_folder, tmp_path):
+    import train as train_cli
+    with pytest.raises(SystemExit) as info:
+        train_cli.main(['cnn', '--data', str(colour_folder), '--name', 'r', '--runs', str(tmp_path), *TINY_CLI,
+                        *option])
+    code = info.value.code
+    assert isinstance(code, str) and code.startswith(f"error: {option[0].split('=')[0]}") and '\n' not in code, code
+    assert not (tmp_path / 'r').exists()   # refused before anything was made
+
+
+RESUME_FIELDS = {'recipe not an object': lambda c: {**c, 'recipe': [1, 2]},
+                 'lr a string': lambda c: {**c, 'recipe': {**c['recipe'], 'lr': 'fast'}},
+                 'bs 0': lambda c: {**c, 'recipe': {**c['recipe'], 'bs': 0}},
+                 'accumulate -1': lambda c: {**c, 'recipe': {**c['recipe'], 'accumulate': -1}},
+                 'unknown arch': lambda c: {**c, 'recipe': {**c['recipe'], 'arch': 'resnet9000'}},
+                 'pretrained a list': lambda c: {**c, 'pretrained': [1]}}
+
+
+@pytest.mark.parametrize('damage', list(RESUME_FIELDS))
+def test_resume_checks_every_field_it_reads_back_from_the_run_folder(damage, cnn_run, tmp_path):
+    import train as train_cli
+    run = copy_run(cnn_run, tmp_path / 'runs' / 'r')
+    as_interrupted_after_epoch_0(run)
+    config = run / 'config.json'
+    config.write_text(json.dumps(RESUME_FIELDS[damage](json.loads(config.read_text()))))
+    with pytest.raises(SystemExit) as info:
+        train_cli.main(['cnn', '--name', 'r', '--runs', str(tmp_path / 'runs'), '--resume'])
+    code = info.value.code
+    assert isinstance(code, str) and code.startswith(f'error: {config} cannot be resumed') and '\n' not in code, code
+    assert not (run / 'metrics.json').exists()
