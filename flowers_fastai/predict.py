@@ -7,8 +7,10 @@
     python -m flowers_fastai.predict photos/ --model vit --int8      # the ViT's matmuls in int8 (faster on CPU)
 
 Photos are classified in batches (`--batch-size`), the next batch decoded while the model runs on this one.
-Prints one line per file, `<path>\t<class>`; a file that cannot be classified, for whatever reason its decoder
-gives, prints `<path>\tERROR: <why>` (on stderr) and the others go on; the exit status is 1 when any file failed.
+Prints one line per file, `<path>\t<class>` (a backslash, tab, newline or carriage return in a path written as
+\\\\, \\t, \\n, \\r); a file that cannot be classified, for whatever reason its decoder gives, prints
+`<path>\tERROR: <why>` (on stderr) and the others go on; the exit status is 1 when any file failed, 2 when the
+model cannot load.
 `--csv` writes one row per file: path, class, the calibrated probability of each class, error (empty, or why
 the file has no class).
 
@@ -39,6 +41,7 @@ from .labels import CLASSES
 from .submit import find_weights, load_cnn_model, load_ensemble, load_vit_model, quantize_int8
 
 EXIT_OUTPUT_ERROR = 2     # an output refused or not writable (argparse's usage errors are 2 too)
+EXIT_MODEL_ERROR = 2      # the model cannot load: nothing was classified (1 means some photo failed), as `evaluate`
 EXIT_BROKEN_PIPE = 141    # 128 + SIGPIPE: what a shell reports for a tool that stops at `| head`
 
 # Paths are written as the file system's bytes: os.fsencode's encoding and error handler (UTF-8 +
@@ -56,6 +59,15 @@ class OutputError(Exception):
 
 
 # ------------------------------------------------------------------------------------------- output helpers
+_LINE_ESCAPES = str.maketrans({'\\': '\\\\', '\t': '\\t', '\n': '\\n', '\r': '\\r'})
+
+
+def line_field(value) -> str:
+    """`value` as one field of a `<path>\t<class>` line: backslash, tab, newline and carriage return written as
+    \\\\, \\t, \\n, \\r, so that a file name cannot end its line or forge another `<path>\t<class>` line."""
+    return str(value).translate(_LINE_ESCAPES)
+
+
 def spreadsheet_cell(value) -> str:
     """`value` as a CSV cell no spreadsheet runs as a formula: a leading ' where it starts with FORMULA_TRIGGERS."""
     text = str(value)
@@ -140,7 +152,9 @@ def check_output_file(target: Path, inputs: Iterable[Path], what: str) -> None:
     if target_stat is None:
         check_writable_place(target, what)
     elif target.is_file():
-        print(f'note: replacing the existing file {target} ({what})', file=sys.stderr, flush=True)
+        # through a symbolic link the file replaced is the link's target: name that one
+        linked = f', the file {target.resolve()} that this link points to' if target.is_symlink() else ''
+        print(f'note: replacing the existing file {target}{linked} ({what})', file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -281,7 +295,8 @@ def _main(argv) -> int:
     try:
         model = load_chosen_model(args.model, args.weights, args.vit_weights, args.int8)
     except (FileNotFoundError, ValueError) as err:
-        sys.exit(f'error: {err}')
+        print(f'error: {err}', file=sys.stderr)
+        return EXIT_MODEL_ERROR
     results = classify_files(model, files, batch_size=args.batch_size, tta=args.tta)
     if not args.no_progress and sys.stderr.isatty():
         from tqdm import tqdm
@@ -298,10 +313,10 @@ def _main(argv) -> int:
     try:
         for r in results:
             if r.error is None:
-                print(f'{r.path}\t{r.label}', flush=True)
+                print(f'{line_field(r.path)}\t{r.label}', flush=True)
             else:
                 failed += 1
-                print(f'{r.path}\tERROR: {r.error}', file=sys.stderr, flush=True)
+                print(f'{line_field(r.path)}\tERROR: {line_field(r.error)}', file=sys.stderr, flush=True)
             if table:
                 probabilities = [f'{r.probabilities[c]:.6f}' for c in CLASSES] if r.probabilities else [''] * len(CLASSES)
                 table.row([str(r.path), r.label or '', *probabilities, r.error or ''])
