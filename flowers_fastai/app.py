@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .predict import load_chosen_model
+from .predict import load_chosen_model, set_threads, threads_option
 from .submit import predict_proba
 
 DEFAULT_MAX_MB = 10
@@ -418,6 +418,9 @@ def main(argv=None) -> int:
                         help='memory budget of the photos decoded at once, in MB of 2**20 bytes, at least 64: '
                              'uploads wait their turn, and one that alone needs more is refused with 413 '
                              '(default: %(default)s)')
+    parser.add_argument('--threads', type=threads_option, default='auto',
+                        help='intra-op threads: a number, or auto: the cores the load average shows idle, at least 1 '
+                             '(default: %(default)s)')
     args = parser.parse_args(argv)
     for option in ('max_mb', 'upload_timeout', 'header_timeout', 'keep_alive', 'max_header_kb', 'max_memory_mb'):
         if not getattr(args, option) > 0:   # `not >` refuses nan too
@@ -441,6 +444,7 @@ def main(argv=None) -> int:
         needs = ' (no ViT weights are shipped: train and export them, then pass --vit-weights)' \
             if args.model != 'cnn' else ''
         sys.exit(f'error: cannot load the {args.model} model{needs}: {err}')
+    set_threads(args.threads)
     import uvicorn
     app = create_app(model, max_bytes=int(args.max_mb * MB), upload_timeout=args.upload_timeout,
                      max_memory=int(args.max_memory_mb * MB))

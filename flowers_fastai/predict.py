@@ -224,6 +224,43 @@ def classify_files(model, paths: Iterable[str | os.PathLike], batch_size: int = 
         start = end
 
 
+def auto_threads() -> int:
+    """The intra-op threads to compute with: the cores no other work is using, by the 1-minute load average, at
+    least 1 (at most torch's default). PyTorch's OpenMP threads wait for each other at every layer: on a 2-core
+    machine whose cores another job kept busy, a prediction took ~1.3 s on 2 threads against ~44 ms on 1
+    (docs/speed.md). On a quiet machine it is torch's default."""
+    try:
+        busy = os.getloadavg()[0]
+    except (OSError, AttributeError):   # no load average on this platform
+        busy = 0.0
+    return max(1, min(torch_default_threads(), (os.cpu_count() or 1) - int(busy + 0.5)))
+
+
+def torch_default_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+def threads_option(text: str) -> int | None:
+    """`--threads`: 'auto' (None: `auto_threads`) or a whole number >= 1."""
+    if text == 'auto':
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f'{text!r} is neither "auto" nor a whole number of threads >= 1')
+    return n
+
+
+def set_threads(n: int | None) -> int:
+    """torch's intra-op threads for this process (a command line owns its process): `n`, or `auto_threads()`."""
+    import torch
+    torch.set_num_threads(n or auto_threads())
+    return torch.get_num_threads()
+
+
 def load_chosen_model(kind: str, weights: str | None = None, vit_weights: str | None = None,
                       int8: bool = False):
     """The model of a command line's `--model cnn|vit|ensemble`, `--weights` (the CNN's for an ensemble),
@@ -266,7 +303,12 @@ def run_cli(cli_main, argv) -> int:
 
 
 def main(argv=None) -> int:
-    return run_cli(_main, argv)
+    import torch
+    threads = torch.get_num_threads()
+    try:
+        return run_cli(_main, argv)
+    finally:   # --threads is for this run: a caller of main() (a test, a notebook) keeps its own setting
+        torch.set_num_threads(threads)
 
 
 def _main(argv) -> int:
@@ -285,9 +327,13 @@ def _main(argv) -> int:
                         help='the ViT\'s matmuls in int8: ~2x faster on CPU, slightly different probabilities '
                              '(measure the change with `python -m flowers_fastai.evaluate --int8`)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar on stderr')
+    parser.add_argument('--threads', type=threads_option, default='auto',
+                        help='intra-op threads: a number, or auto: the cores the load average shows idle, at least 1 '
+                             '(default: %(default)s; on a busy CPU more threads are much slower)')
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error('--batch-size must be at least 1')
+    set_threads(args.threads)
 
     files = expand(args.paths)
     if args.csv:   # before the (slow) model load: a refused or unwritable --csv is said at once

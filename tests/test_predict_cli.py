@@ -92,3 +92,31 @@ def test_csv_through_a_symlink_names_the_file_it_replaces(tiny_cnn_file, tmp_pat
     err = capsys.readouterr().err
     assert f'note: replacing the existing file {link}' in err and str(target) in err
     assert link.is_symlink() and target.read_text().startswith('path,class')   # the link's target was written
+
+
+@pytest.mark.parametrize('option, load, expected', [(['--threads', '1'], 0.0, 1), ([], 9.0, 1), ([], 0.0, 'default'),
+                                                    (['--threads', 'auto'], 1.2, 'cores - 1')])
+def test_threads_default_to_the_cores_the_load_average_leaves_idle(option, load, expected, monkeypatch, tmp_path):
+    """On a CPU another job keeps busy, 2 threads took ~1.3 s a prediction against ~44 ms on 1 (docs/speed.md):
+    the default takes the cores the load average shows idle, at least one. No timing here: the choice only."""
+    import os
+
+    import torch
+
+    from flowers_fastai import predict as cli
+    default, seen = torch.get_num_threads(), []
+    monkeypatch.setattr(os, 'getloadavg', lambda: (load, load, load))
+    monkeypatch.setattr(cli, 'load_chosen_model', lambda *args: None)
+    monkeypatch.setattr(cli, 'classify_files', lambda *args, **kwargs: seen.append(torch.get_num_threads()) or [])
+    assert main([str(EXAMPLES), '--no-progress', *option]) == 0
+    cores = os.cpu_count()
+    want = {'default': default, 'cores - 1': max(1, min(default, cores - 1))}.get(expected, expected)
+    assert seen == [want]
+    assert torch.get_num_threads() == default   # main() leaves the caller's setting as it was
+
+
+def test_threads_option_refuses_what_is_no_thread_count():
+    for bad in ('0', '-2', 'many'):
+        with pytest.raises(SystemExit) as stop:
+            main([str(EXAMPLES), '--threads', bad])
+        assert stop.value.code == 2
