@@ -23,10 +23,13 @@ Errors (the contract a grader's loop can rely on):
   `ValueError` naming the file and the key or sidecar field for anything that is not a finite float state_dict
   of that family with a 5-class head, or a sidecar that is not a JSON object of valid fields (SIDECAR_FIELDS).
   They work, and give the same model, under `torch.inference_mode()`, `no_grad()` or `enable_grad()`; a loaded
-  model may be shared by threads.
+  model may be shared by threads, and by the workers of a process pool of any start method (a forked child
+  computes on one intra-op thread: `inference_nets._after_fork_in_child`). A file whose forward pass on a probe
+  image is not finite (weights that overflow) is refused too.
 - `predict` / `predict_proba`: a class of `CLASSES` / a probability per class for any image PIL can decode;
   `FileNotFoundError` for a missing path; `ValueError` naming the path for anything else (a directory, an
-  empty or non-image file, a decompression bomb).
+  empty or non-image file, a header without pixel data, a decompression bomb, scores that are not finite: a NaN
+  never reaches the argmax).
 """
 from __future__ import annotations
 
