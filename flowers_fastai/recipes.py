@@ -156,9 +156,9 @@ RECIPES = {'cnn': CNN, 'vit': VIT, 'teacher': TEACHER}
 def _between(lo, hi, lo_open=False, hi_open=False):
     def check(v):
         return (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
-    what = ' and '.join(part for part in (
-        '' if lo is None else f'{">" if lo_open else ">="} {lo}', '' if hi is None else f'{"<" if hi_open else "<="} {hi}')
-        if part)
+    low = '' if lo is None else f'{">" if lo_open else ">="} {lo}'
+    high = '' if hi is None else f'{"<" if hi_open else "<="} {hi}'
+    what = ' and '.join(part for part in (low, high) if part)
     return check, what
 
 

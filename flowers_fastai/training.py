@@ -377,7 +377,7 @@ def run_phases(learn: Learner, recipe: Recipe, pretrained: bool | str | Path, co
     try:
         with _data_parallel(learn):
             _fit_phases(learn, recipe, pretrained, state, tracker, ema, recipe_cbs)
-    except (RunFolderError, TrainingDiverged) as err:   # raised in a callback: fastai prefixed "Exception occured in ...:\n\t"
+    except (RunFolderError, TrainingDiverged) as err:   # from a callback: fastai prefixed "Exception occured in ...:\n\t"
         raise type(err)(str(err).split('\n\t')[-1]) from None
     if not (run_dir / 'models' / f'{BEST}.pth').exists():
         raise RunFolderError(f'no epoch was trained, so there is no {run_dir / "models" / f"{BEST}.pth"} to report on: '
