@@ -12,7 +12,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from flowers_fastai.recipes import RECIPES, Recipe
+from flowers_fastai.recipes import RECIPES, Recipe, check_recipe
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / 'shared' / 'data' / 'flowers'
 
@@ -141,8 +141,13 @@ def main(argv=None) -> int:
         from flowers_fastai.exporting import read_json
         try:
             settings = read_json(settings_file, 'train it again under another --name')
+            if not isinstance(settings.get('recipe'), dict):
+                raise ValueError('its "recipe" field is not the object of settings training writes')
             recipe, args.data = Recipe.from_dict(settings['recipe']), data_folders(settings['data'])
             pretrained = {'True': True, 'False': False}.get(str(settings['pretrained']), settings['pretrained'])
+            if not isinstance(pretrained, (bool, str)) or not isinstance(settings.get('split', ''), str):
+                raise ValueError('its "pretrained" or "split" field is not what training writes')
+            check_recipe(recipe, source='its recipe field')
         except (ValueError, KeyError, TypeError) as err:   # RunFolderError, or fields missing / of another version
             sys.exit(f'error: {settings_file} cannot be resumed ({type(err).__name__}: {err}); '
                      'train it again under another --name')
@@ -153,6 +158,10 @@ def main(argv=None) -> int:
         if args.teacher:
             args.teacher = tuple(str(Path(t).resolve()) for t in args.teacher)
         recipe = RECIPES[args.family].override(**vars(args))
+        try:
+            check_recipe(recipe, source='--')
+        except ValueError as err:
+            sys.exit(f'error: {str(err).replace("-- ", "--")}')
         if args.init_from and args.pretrained_file:
             sys.exit('error: --init-from and --pretrained-file both give the starting weights: choose one')
         pretrained = False if args.no_pretrained or args.init_from else (args.pretrained_file or True)

@@ -18,13 +18,14 @@ model cannot read, whatever the decoder raises, is answered 400, never 500.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
 import tempfile
 from pathlib import Path
 
-from .predict import load_chosen_model
+from .predict import load_chosen_model, set_threads, threads_option
 from .submit import predict_proba
 
 DEFAULT_MAX_MB = 10
@@ -36,6 +37,15 @@ DEFAULT_UPLOAD_TIMEOUT = 30.0    # s for a whole upload body: 10 MB needs ~2.8 M
 DEFAULT_HEADER_TIMEOUT = 10.0    # s for each request head, from the connection (or the previous answer) on
 DEFAULT_KEEP_ALIVE = 5.0         # s an idle keep-alive connection stays open (uvicorn's default)
 DEFAULT_MAX_HEADER_KB = 64       # the request head (request line + headers): cookies of other localhost apps fit
+# Memory budget for the photos being decoded at once. A small upload can decode to ~89 Mpx (PIL's limit): ~0.7 GB
+# each while it is processed; 12 at once took 7.9 GB. Each upload is admitted only while the estimates of the
+# decodes in flight fit the budget (the others wait, holding only their file on disk); one that alone does not
+# fit is refused with 413. The default admits one WebP at PIL's pixel limit, or two PNGs.
+DEFAULT_MAX_MEMORY_MB = 2048
+# Bytes per pixel of decoding and preprocessing one image (docs/api.md "Memory"), and the fixed part per request.
+DECODE_BYTES_PER_PIXEL = 8
+DECODE_BYTES_PER_PIXEL_BY_FORMAT = {'WEBP': 19, 'AVIF': 19, 'JPEG2000': 19}
+DECODE_OVERHEAD = 32 * 2 ** 20
 # Room for the multipart framing (boundaries, part headers) around the file, so a file of exactly the limit passes.
 MULTIPART_OVERHEAD = 64 * 1024
 INSTALL_HINT = 'pip install -e .[demo]'
@@ -56,6 +66,44 @@ def _import_demo_dependencies():
         raise ImportError(f'the web demo needs {err.name or "its optional dependencies"}, which is not installed; '
                           f'install the demo extra with: {INSTALL_HINT}') from None
     return multipart
+
+
+def decode_cost(path: Path) -> tuple[int, str]:
+    """(The bytes decoding `path` may take at most, its size in words), from its header alone: nothing is
+    decoded. A file PIL cannot even open costs the fixed part only (the model refuses it at once)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            (w, h), fmt = img.size, img.format
+    except Exception:   # noqa: BLE001 - no image: predict_proba says why, with a 400
+        return DECODE_OVERHEAD, 'an unreadable file'
+    per_pixel = DECODE_BYTES_PER_PIXEL_BY_FORMAT.get(fmt, DECODE_BYTES_PER_PIXEL)
+    return DECODE_OVERHEAD + per_pixel * w * h, f'a {w}x{h} {fmt} image'
+
+
+class MemoryBudget:
+    """A counting semaphore of bytes: `hold(n)` waits until n more bytes fit under `limit`, and gives them back
+    on leaving. `peak` is the most ever held at once (what the tests check against `limit`)."""
+
+    def __init__(self, limit: int):
+        import threading
+        self.limit, self.in_use, self.peak = int(limit), 0, 0
+        self._free = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, n: int):
+        if n > self.limit:
+            raise ValueError(f'{n} bytes is over the whole budget of {self.limit}')
+        with self._free:
+            self._free.wait_for(lambda: self.in_use + n <= self.limit)
+            self.in_use += n
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._free:
+                self.in_use -= n
+                self._free.notify_all()
 
 
 class UploadTooLarge(Exception):
@@ -171,11 +219,14 @@ async def _receive_upload(request, folder: Path, max_bytes: int, multipart) -> t
     return writer.path, writer.filename or 'the uploaded file'
 
 
-def create_app(model, max_bytes: int = DEFAULT_MAX_MB * MB, upload_timeout: float = DEFAULT_UPLOAD_TIMEOUT):
+def create_app(model, max_bytes: int = DEFAULT_MAX_MB * MB, upload_timeout: float = DEFAULT_UPLOAD_TIMEOUT,
+               max_memory: int = DEFAULT_MAX_MEMORY_MB * MB):
     """The Starlette app around `model` (anything `submit.predict_proba` takes): GET / is the page,
     POST /predict takes a multipart upload and answers {"class": ..., "probabilities": {class: p}}, or
-    {"error": why} with 413 (over `max_bytes`), 408 (the body took over `upload_timeout` seconds to arrive) or
-    400 (not an image, whatever the decoder raised, or not an upload)."""
+    {"error": why} with 413 (over `max_bytes`, or an image whose decoding alone would take over `max_memory`
+    bytes), 408 (the body took over `upload_timeout` seconds to arrive) or 400 (not an image, whatever the decoder
+    raised, or not an upload). Uploads are decoded at once only while their estimated costs (`decode_cost`) fit
+    in `max_memory` together (`MemoryBudget`, `app.state.memory`); the others wait their turn."""
     multipart = _import_demo_dependencies()
     import anyio
     from starlette.applications import Starlette
@@ -188,6 +239,17 @@ def create_app(model, max_bytes: int = DEFAULT_MAX_MB * MB, upload_timeout: floa
         raise ValueError(f'max_bytes must be positive, not {max_bytes}')
     if not upload_timeout > 0:
         raise ValueError(f'upload_timeout must be positive, not {upload_timeout}')
+    if max_memory < DECODE_OVERHEAD:
+        raise ValueError(f'max_memory must be at least {DECODE_OVERHEAD} bytes (one request\'s fixed part)')
+    budget = MemoryBudget(max_memory)
+
+    def classify(path: Path):
+        """predict_proba once the decode fits in the budget; None when it never can (413)."""
+        cost, what = decode_cost(path)
+        if cost > budget.limit:
+            return None, what, cost
+        with budget.hold(cost):
+            return predict_proba(model, path), what, cost
     page = PAGE.replace('__MAX_BYTES__', str(max_bytes)).replace('__LIMIT__', _megabytes(max_bytes))
 
     async def index(request):
@@ -212,15 +274,21 @@ def create_app(model, max_bytes: int = DEFAULT_MAX_MB * MB, upload_timeout: floa
                 return JSONResponse({'error': 'The upload was interrupted.'}, status_code=400)
             try:
                 # The model is CPU-bound: a worker thread keeps the server answering meanwhile.
-                probabilities = await run_in_threadpool(predict_proba, model, path)
+                probabilities, what, cost = await run_in_threadpool(classify, path)
             except Exception as err:   # noqa: BLE001 - decoding the user's bytes: any failure is theirs, a 400
                 if not isinstance(err, (ValueError, OSError)):
                     log.warning('an upload the decoder failed on with %s', type(err).__name__, exc_info=True)
                 return JSONResponse({'error': _unreadable_message(err, path, name)}, status_code=400)
+        if probabilities is None:
+            return JSONResponse({'error': f'The image is too large to classify: {name} is {what}, whose decoding '
+                                          f'would take about {_megabytes(cost)}, over the demo\'s memory budget of '
+                                          f'{_megabytes(budget.limit)}.'}, status_code=413)
         best = max(probabilities, key=probabilities.get)
         return JSONResponse({'class': best, 'probabilities': probabilities})
 
-    return Starlette(routes=[Route('/', index), Route('/predict', predict, methods=['POST'])])
+    app = Starlette(routes=[Route('/', index), Route('/predict', predict, methods=['POST'])])
+    app.state.memory = budget
+    return app
 
 
 def _h11_with_head_deadline(head_timeout: float):
@@ -271,6 +339,32 @@ def _h11_with_head_deadline(head_timeout: float):
     return DemoH11Protocol
 
 
+def _head_size(scope) -> int:
+    """The bytes of a request's head as it came: request line and header lines."""
+    target = len(scope.get('raw_path') or scope['path'].encode()) + (len(scope['query_string']) + 1
+                                                                      if scope.get('query_string') else 0)
+    return (len(scope['method']) + target + len('  HTTP/1.1\r\n\r\n')
+            + sum(len(name) + len(value) + 4 for name, value in scope['headers']))
+
+
+class _HeadLimit:
+    """ASGI middleware: a request whose head is over `max_bytes` is answered 431 and its connection closed.
+    h11's own limit covers only a head still arriving: one that came whole in a read or two (65-100 KB) passed."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope['type'] == 'http' and _head_size(scope) > self.max_bytes:
+            body = (b'{"error": "The request head is over the limit of %d bytes."}' % self.max_bytes)
+            await send({'type': 'http.response.start', 'status': 431,
+                        'headers': [(b'content-type', b'application/json'), (b'connection', b'close'),
+                                    (b'content-length', str(len(body)).encode())]})
+            await send({'type': 'http.response.body', 'body': body})
+            return
+        await self.app(scope, receive, send)
+
+
 def server_config(app, host: str = '127.0.0.1', port: int = 7860, *,
                   header_timeout: float = DEFAULT_HEADER_TIMEOUT, keep_alive: float = DEFAULT_KEEP_ALIVE,
                   max_header_bytes: int = DEFAULT_MAX_HEADER_KB * 1024, log_level: str = 'info'):
@@ -280,9 +374,21 @@ def server_config(app, host: str = '127.0.0.1', port: int = 7860, *,
     import uvicorn
     if not (header_timeout > 0 and keep_alive > 0 and max_header_bytes > 0):
         raise ValueError('header_timeout, keep_alive and max_header_bytes must be positive')
-    return uvicorn.Config(app, host=host, port=port, http=_h11_with_head_deadline(header_timeout),
+    return uvicorn.Config(_HeadLimit(app, int(max_header_bytes)), host=host, port=port,
+                          http=_h11_with_head_deadline(header_timeout),
                           h11_max_incomplete_event_size=int(max_header_bytes), timeout_keep_alive=keep_alive,
                           ws='none', log_level=log_level)
+
+
+def _port(text: str) -> int:
+    """A TCP port for argparse: 1 to 65535 (uvicorn took 99999 and listened elsewhere without a word)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a port number') from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f'{port} is not a port: ports are 1 to 65535')
+    return port
 
 
 def main(argv=None) -> int:
@@ -295,7 +401,7 @@ def main(argv=None) -> int:
     parser.add_argument('--int8', action='store_true', help='the ViT\'s matmuls in int8 (faster on CPU)')
     parser.add_argument('--host', default='127.0.0.1',
                         help='address to listen on (default: %(default)s: this machine only)')
-    parser.add_argument('--port', type=int, default=7860, help='default: %(default)s')
+    parser.add_argument('--port', type=_port, default=7860, help='1 to 65535 (default: %(default)s)')
     parser.add_argument('--max-mb', type=float, default=DEFAULT_MAX_MB,
                         help='largest upload accepted, in MB of 2**20 bytes (default: %(default)s)')
     parser.add_argument('--upload-timeout', type=float, default=DEFAULT_UPLOAD_TIMEOUT, metavar='S',
@@ -306,12 +412,24 @@ def main(argv=None) -> int:
     parser.add_argument('--keep-alive', type=float, default=DEFAULT_KEEP_ALIVE, metavar='S',
                         help='seconds an idle connection stays open (default: %(default)s)')
     parser.add_argument('--max-header-kb', type=float, default=DEFAULT_MAX_HEADER_KB, metavar='KB',
-                        help='largest request head (request line + headers) in KB of 1024 bytes, else 400 '
+                        help='largest request head (request line + headers) in KB of 1024 bytes, at least 1, '
+                             'else 431 (default: %(default)s)')
+    parser.add_argument('--max-memory-mb', type=float, default=DEFAULT_MAX_MEMORY_MB, metavar='MB',
+                        help='memory budget of the photos decoded at once, in MB of 2**20 bytes, at least 64: '
+                             'uploads wait their turn, and one that alone needs more is refused with 413 '
+                             '(default: %(default)s)')
+    parser.add_argument('--threads', type=threads_option, default='auto',
+                        help='intra-op threads: a number, or auto: the cores the load average shows idle, at least 1 '
                              '(default: %(default)s)')
     args = parser.parse_args(argv)
-    for option in ('max_mb', 'upload_timeout', 'header_timeout', 'keep_alive', 'max_header_kb'):
+    for option in ('max_mb', 'upload_timeout', 'header_timeout', 'keep_alive', 'max_header_kb', 'max_memory_mb'):
         if not getattr(args, option) > 0:   # `not >` refuses nan too
             parser.error(f'--{option.replace("_", "-")} must be positive')
+    # a limit that rounds to nothing (or leaves no room for a request) ended in a traceback
+    for option, least, unit in (('max_mb', 1 / 1024, '1 KB (0.0009765625)'), ('max_header_kb', 1, '1'),
+                                ('max_memory_mb', 64, '64')):
+        if not getattr(args, option) >= least or getattr(args, option) == float('inf'):
+            parser.error(f'--{option.replace("_", "-")} must be at least {unit} and finite')
     if args.model == 'cnn' and args.vit_weights:
         parser.error('--vit-weights needs --model vit or --model ensemble')
     if args.model == 'vit' and args.weights and args.vit_weights:
@@ -326,8 +444,10 @@ def main(argv=None) -> int:
         needs = ' (no ViT weights are shipped: train and export them, then pass --vit-weights)' \
             if args.model != 'cnn' else ''
         sys.exit(f'error: cannot load the {args.model} model{needs}: {err}')
+    set_threads(args.threads)
     import uvicorn
-    app = create_app(model, max_bytes=int(args.max_mb * MB), upload_timeout=args.upload_timeout)
+    app = create_app(model, max_bytes=int(args.max_mb * MB), upload_timeout=args.upload_timeout,
+                     max_memory=int(args.max_memory_mb * MB))
     config = server_config(app, args.host, args.port, header_timeout=args.header_timeout,
                            keep_alive=args.keep_alive, max_header_bytes=int(args.max_header_kb * 1024))
     print(f'Serving the {args.model} model on http://{args.host}:{args.port}/ (Ctrl+C stops it)', flush=True)

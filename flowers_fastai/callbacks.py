@@ -98,3 +98,27 @@ class WeightEMA(Callback):
             self._training_weights = None
 
     after_cancel_fit = after_epoch
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the weights became NaN or inf: the run stops (train.py prints it as one sentence)."""
+
+
+class StopOnNonFinite(Callback):
+    """Stop a run whose loss or weights turn non-finite, with `TrainingDiverged`: fastai trains on through NaN
+    (a --lr 1e4 run ended "successfully" with NaN weights, which export then wrote). The loss is checked at every
+    batch, the weights at the end of each epoch's training (before validation and checkpoints)."""
+    order = SaveModelCallback.order - 5   # after_train: before any checkpoint of the epoch is written
+
+    def after_loss(self):
+        if self.training and not torch.isfinite(self.learn.loss).all():
+            self._stop(f'the training loss became {float(self.learn.loss.detach().float().mean())}')
+
+    def after_train(self):
+        for name, p in self.learn.model.named_parameters():
+            if not torch.isfinite(p).all():
+                self._stop(f'the weight {name} holds NaN or inf values')
+
+    def _stop(self, what: str):
+        raise TrainingDiverged(f'training diverged: {what} in epoch {self.epoch + 1}; nothing from this epoch on was '
+                               'saved: train again with a lower --lr (or without --half / the changed setting)')

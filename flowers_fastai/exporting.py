@@ -228,6 +228,19 @@ def calibrate(weights: Path, items: list[tuple[Path, str]], report_dir: Path) ->
             'ece_after': expected_calibration_error(calibrated, labels), 'reliability_diagram': str(diagram)}
 
 
+def _as_submit_reads_it(staged: Path, run_dir: Path) -> None:
+    """`RunFolderError` unless `submit`'s own loader takes the staged file and its sidecar (finite weights,
+    finite logits on its probe image, valid sidecar fields): export never replaces a file with one that `submit`
+    would refuse (a diverged run, an fp16 overflow with --half, a config field out of range)."""
+    from .submit import load_model
+    try:
+        load_model(staged)
+    except (ValueError, OSError) as err:
+        reason = str(err).replace(str(staged.parent) + os.sep, '')
+        raise RunFolderError(f'{run_dir}: the exported file would be refused by submit\'s loader ({reason}); nothing '
+                             f'was written: {EXPORT_TODO}') from None
+
+
 def export_run(run_dir: str | Path, out: str | Path, half: bool = False, calibrated: bool = True) -> Path:
     """Write `run_dir`'s models/best.pth (a seeds experiment: its best seed's) as a raw state_dict at `out`
     (fp16 with `half`), plus `out`.json.
@@ -276,6 +289,7 @@ def export_run(run_dir: str | Path, out: str | Path, half: bool = False, calibra
         staged = staging / out.name
         torch.save(state_dict, staged)
         staged.with_suffix('.json').write_text(json.dumps(sidecar, indent=2, allow_nan=False) + '\n')
+        _as_submit_reads_it(staged, run_dir)   # before calibrating: a refused file is no photo's fault
         if calibrated:
             try:
                 report = calibrate(staged, validation_items(run_dir), run_dir)
@@ -285,6 +299,7 @@ def export_run(run_dir: str | Path, out: str | Path, half: bool = False, calibra
             else:
                 sidecar.update(temperature=report['temperature'], calibration=report)
                 staged.with_suffix('.json').write_text(json.dumps(sidecar, indent=2, allow_nan=False) + '\n')
+        _as_submit_reads_it(staged, run_dir)   # the pair exactly as it will be renamed into place
         for path in (staged, staged.with_suffix('.json')):
             with path.open('rb') as f:
                 os.fsync(f.fileno())

@@ -19,8 +19,8 @@ from PIL import Image
 from torch import nn
 
 from .labels import CLASSES
-from .preprocess import (DRAFT_FLOOR, Preprocessing, center_crop, open_image, resize_center_crop, resize_shorter_side,
-                         to_normalized_tensor)
+from .preprocess import (DRAFT_FLOOR, Preprocessing, center_crop, check_resize, open_image, resize_center_crop,
+                         resize_shorter_side, to_normalized_tensor)
 
 
 class Served(nn.Module):
@@ -75,8 +75,10 @@ def calibrated_softmax(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
 
 def load_image(image_path: str | os.PathLike, model: nn.Module) -> Image.Image:
     """The photo, decoded once for every member of `model` (the same bad-input contract as `submit.predict`)."""
-    resize = max(m.flowers_preprocessing.resize_to for m in members(model))
-    return open_image(image_path, draft_min_side=max(DRAFT_FLOOR, 2 * resize))
+    pps = [m.flowers_preprocessing for m in members(model)]
+    img = open_image(image_path, draft_min_side=max(DRAFT_FLOOR, 2 * max(pp.resize_to for pp in pps)))
+    check_resize(image_path, img, pps)   # before any resize work
+    return img
 
 
 def tta_views(img: Image.Image, pp: Preprocessing) -> list[Image.Image]:

@@ -22,6 +22,7 @@ import os
 import sys
 import threading
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,45 @@ def _state_of(t: torch.Tensor) -> tuple:
     return t.data_ptr(), version, tuple(t.shape)
 
 
-class PackedWeight:
+class _Cache:
+    """What the packed caches below share: a lock for repacking, and an empty cache in a copy. A pickled copy (a
+    `spawn` / `forkserver` process pool sends the model to its workers) holds no packed tensor (oneDNN's opaque
+    ones cannot be pickled) and repacks on its first call; a forked child gets fresh locks (`_after_fork_in_child`),
+    since a lock another thread of the parent held at the fork would stay held in the child for ever."""
+
+    def _reset(self):
+        self._cached, self._lock = self._empty(), threading.Lock()
+        _CACHES.add(self)
+
+    def _empty(self):
+        return None, None
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ('_cached', '_lock')}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
+
+
+_CACHES = weakref.WeakSet()   # every live cache, for `_after_fork_in_child`
+
+
+def _after_fork_in_child():
+    """In a forked child: one intra-op thread, and fresh cache locks. PyTorch's OpenMP thread pool does not survive
+    fork (its worker threads are not copied; a child's parallel op waits for them for ever: a `multiprocessing`
+    pool of the default fork start method hung on its first prediction), and the caches' locks could be copied
+    held. One thread per worker is also what a process pool wants: its workers already share the cores."""
+    torch.set_num_threads(1)
+    for cache in list(_CACHES):
+        cache._lock = threading.Lock()
+
+
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class PackedWeight(_Cache):
     """A weight reordered once into oneDNN's blocked layout (what inductor's freezing does for CPU linears),
     kept beside the parameter, which stays the model's state. Repacked if the parameter is replaced or
     changed in place (its version counter moves), so a packed copy is never stale. Safe to share between threads:
@@ -110,7 +149,7 @@ class PackedWeight:
 
     def __init__(self, weight: torch.Tensor, rows_hint: int, scale: float = 1.0):
         self.rows_hint, self.scale = rows_hint, scale   # scale: the packed copy is of scale * weight
-        self._cached, self._lock = (None, None), threading.Lock()
+        self._reset()
         self.get(weight)
 
     @property
@@ -131,7 +170,7 @@ class PackedWeight:
             return self._cached[1]
 
 
-class PackedConv:
+class PackedConv(_Cache):
     """A convolution weight reordered once into oneDNN's layout for one input shape (what inductor's freezing does
     for CPU convolutions; oneDNN chooses the layout from the shape), kept beside the parameter like
     `PackedWeight`: repacked when the parameter moves, a few input shapes remembered; thread-safe the same way
@@ -139,7 +178,11 @@ class PackedConv:
     it)."""
 
     def __init__(self, conv: nn.Conv2d):
-        self.conv, self._cached, self._lock = conv, (None, {}), threading.Lock()
+        self.conv = conv
+        self._reset()
+
+    def _empty(self):
+        return None, {}
 
     def get(self, input_shape: torch.Size) -> torch.Tensor:
         w = self.conv.weight
@@ -226,7 +269,7 @@ MMAP_THRESHOLD, TRIM_THRESHOLD = 32 * 2**20, 2**30
 _MALLOC_TUNED = None
 
 
-class Int8Linear:
+class Int8Linear(_Cache):
     """A linear layer in int8 for CPU inference: its weight quantized once (symmetric, per output channel), its
     input quantized on each call from its own range, the products summed in int32 (fbgemm), as
     `torch.ao.quantization.quantize_dynamic` does to an `nn.Linear`; written out here because the attention's
@@ -237,7 +280,7 @@ class Int8Linear:
 
     def __init__(self, module: nn.Module, weight: str, bias: str, weight_scale: float = 1.0, bias_scale: float = 1.0):
         self.module, self.names, self.weight_scale, self.bias_scale = module, (weight, bias), weight_scale, bias_scale
-        self._cached, self._lock = (None, None), threading.Lock()   # thread-safe as `PackedWeight`
+        self._reset()   # thread-safe as `PackedWeight`
 
     def _pack(self):
         weight, bias = (getattr(self.module, name) for name in self.names)
@@ -249,10 +292,12 @@ class Int8Linear:
             if self._cached[0] != key:
                 w = weight.detach().float() * self.weight_scale
                 scales = (w.abs().amax(dim=1) / 127.5).clamp_min(torch.finfo(torch.float32).eps).double()
-                with warnings.catch_warnings():   # torch marks its quantized tensors deprecated; the ops remain in 2.x
-                    warnings.simplefilter('ignore', UserWarning)
-                    q = torch.quantize_per_channel(w, scales, torch.zeros(len(w), dtype=torch.long), 0, torch.qint8)
-                    self._cached = key, torch.ops.quantized.linear_prepack(q, bias.detach().float() * self.bias_scale)
+                # torch marks its quantized tensors deprecated (the ops remain in 2.x). Through the dispatcher op
+                # that note is not a Python warning: no warning filter is touched to hide it (filters are
+                # process-wide, and changing them here lost other threads' warnings)
+                q = torch.ops.aten.quantize_per_channel(w, scales, torch.zeros(len(w), dtype=torch.long), 0,
+                                                        torch.qint8)
+                self._cached = key, torch.ops.quantized.linear_prepack(q, bias.detach().float() * self.bias_scale)
             return self._cached[1]
 
     def __call__(self, x: torch.Tensor, act: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,8 +7,10 @@
     python -m flowers_fastai.predict photos/ --model vit --int8      # the ViT's matmuls in int8 (faster on CPU)
 
 Photos are classified in batches (`--batch-size`), the next batch decoded while the model runs on this one.
-Prints one line per file, `<path>\t<class>`; a file that cannot be classified, for whatever reason its decoder
-gives, prints `<path>\tERROR: <why>` (on stderr) and the others go on; the exit status is 1 when any file failed.
+Prints one line per file, `<path>\t<class>` (a backslash, tab, newline or carriage return in a path written as
+\\\\, \\t, \\n, \\r); a file that cannot be classified, for whatever reason its decoder gives, prints
+`<path>\tERROR: <why>` (on stderr) and the others go on; the exit status is 1 when any file failed, 2 when the
+model cannot load.
 `--csv` writes one row per file: path, class, the calibrated probability of each class, error (empty, or why
 the file has no class).
 
@@ -39,6 +41,7 @@ from .labels import CLASSES
 from .submit import find_weights, load_cnn_model, load_ensemble, load_vit_model, quantize_int8
 
 EXIT_OUTPUT_ERROR = 2     # an output refused or not writable (argparse's usage errors are 2 too)
+EXIT_MODEL_ERROR = 2      # the model cannot load: nothing was classified (1 means some photo failed), as `evaluate`
 EXIT_BROKEN_PIPE = 141    # 128 + SIGPIPE: what a shell reports for a tool that stops at `| head`
 
 # Paths are written as the file system's bytes: os.fsencode's encoding and error handler (UTF-8 +
@@ -56,6 +59,15 @@ class OutputError(Exception):
 
 
 # ------------------------------------------------------------------------------------------- output helpers
+_LINE_ESCAPES = str.maketrans({'\\': '\\\\', '\t': '\\t', '\n': '\\n', '\r': '\\r'})
+
+
+def line_field(value) -> str:
+    """`value` as one field of a `<path>\t<class>` line: backslash, tab, newline and carriage return written as
+    \\\\, \\t, \\n, \\r, so that a file name cannot end its line or forge another `<path>\t<class>` line."""
+    return str(value).translate(_LINE_ESCAPES)
+
+
 def spreadsheet_cell(value) -> str:
     """`value` as a CSV cell no spreadsheet runs as a formula: a leading ' where it starts with FORMULA_TRIGGERS."""
     text = str(value)
@@ -140,7 +152,9 @@ def check_output_file(target: Path, inputs: Iterable[Path], what: str) -> None:
     if target_stat is None:
         check_writable_place(target, what)
     elif target.is_file():
-        print(f'note: replacing the existing file {target} ({what})', file=sys.stderr, flush=True)
+        # through a symbolic link the file replaced is the link's target: name that one
+        linked = f', the file {target.resolve()} that this link points to' if target.is_symlink() else ''
+        print(f'note: replacing the existing file {target}{linked} ({what})', file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -210,6 +224,43 @@ def classify_files(model, paths: Iterable[str | os.PathLike], batch_size: int = 
         start = end
 
 
+def auto_threads() -> int:
+    """The intra-op threads to compute with: the cores no other work is using, by the 1-minute load average, at
+    least 1 (at most torch's default). PyTorch's OpenMP threads wait for each other at every layer: on a 2-core
+    machine whose cores another job kept busy, a prediction took ~1.3 s on 2 threads against ~44 ms on 1
+    (docs/speed.md). On a quiet machine it is torch's default."""
+    try:
+        busy = os.getloadavg()[0]
+    except (OSError, AttributeError):   # no load average on this platform
+        busy = 0.0
+    return max(1, min(torch_default_threads(), (os.cpu_count() or 1) - int(busy + 0.5)))
+
+
+def torch_default_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+def threads_option(text: str) -> int | None:
+    """`--threads`: 'auto' (None: `auto_threads`) or a whole number >= 1."""
+    if text == 'auto':
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f'{text!r} is neither "auto" nor a whole number of threads >= 1')
+    return n
+
+
+def set_threads(n: int | None) -> int:
+    """torch's intra-op threads for this process (a command line owns its process): `n`, or `auto_threads()`."""
+    import torch
+    torch.set_num_threads(n or auto_threads())
+    return torch.get_num_threads()
+
+
 def load_chosen_model(kind: str, weights: str | None = None, vit_weights: str | None = None,
                       int8: bool = False):
     """The model of a command line's `--model cnn|vit|ensemble`, `--weights` (the CNN's for an ensemble),
@@ -252,7 +303,12 @@ def run_cli(cli_main, argv) -> int:
 
 
 def main(argv=None) -> int:
-    return run_cli(_main, argv)
+    import torch
+    threads = torch.get_num_threads()
+    try:
+        return run_cli(_main, argv)
+    finally:   # --threads is for this run: a caller of main() (a test, a notebook) keeps its own setting
+        torch.set_num_threads(threads)
 
 
 def _main(argv) -> int:
@@ -271,9 +327,13 @@ def _main(argv) -> int:
                         help='the ViT\'s matmuls in int8: ~2x faster on CPU, slightly different probabilities '
                              '(measure the change with `python -m flowers_fastai.evaluate --int8`)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar on stderr')
+    parser.add_argument('--threads', type=threads_option, default='auto',
+                        help='intra-op threads: a number, or auto: the cores the load average shows idle, at least 1 '
+                             '(default: %(default)s; on a busy CPU more threads are much slower)')
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error('--batch-size must be at least 1')
+    set_threads(args.threads)
 
     files = expand(args.paths)
     if args.csv:   # before the (slow) model load: a refused or unwritable --csv is said at once
@@ -281,7 +341,8 @@ def _main(argv) -> int:
     try:
         model = load_chosen_model(args.model, args.weights, args.vit_weights, args.int8)
     except (FileNotFoundError, ValueError) as err:
-        sys.exit(f'error: {err}')
+        print(f'error: {err}', file=sys.stderr)
+        return EXIT_MODEL_ERROR
     results = classify_files(model, files, batch_size=args.batch_size, tta=args.tta)
     if not args.no_progress and sys.stderr.isatty():
         from tqdm import tqdm
@@ -298,10 +359,10 @@ def _main(argv) -> int:
     try:
         for r in results:
             if r.error is None:
-                print(f'{r.path}\t{r.label}', flush=True)
+                print(f'{line_field(r.path)}\t{r.label}', flush=True)
             else:
                 failed += 1
-                print(f'{r.path}\tERROR: {r.error}', file=sys.stderr, flush=True)
+                print(f'{line_field(r.path)}\tERROR: {line_field(r.error)}', file=sys.stderr, flush=True)
             if table:
                 probabilities = [f'{r.probabilities[c]:.6f}' for c in CLASSES] if r.probabilities else [''] * len(CLASSES)
                 table.row([str(r.path), r.label or '', *probabilities, r.error or ''])

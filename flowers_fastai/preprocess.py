@@ -26,6 +26,10 @@ DRAFT_FLOOR = 512  # JPEGs decode at reduced scale only while both sides stay >=
 MAX_ASPECT_RATIO = 50
 # Conversions to 8-bit RGB run over stripes of about this many pixels: their temporaries stay a few tens of MB.
 STRIPE_PIXELS = 1 << 20
+# The resize of the shorter side makes at most this many pixels (192 MB as RGB): an allowed sidecar (image_size
+# 2048, crop_pct 0.25: a shorter side of 8192) times an allowed 50:1 photo asked for a ~13 GB resize. The CNN's
+# default pipeline needs at most 50 x 256 x 256 = 3.3 Mpx; a square photo fits any allowed sidecar.
+MAX_RESIZE_PIXELS = 1 << 26
 _MISSING = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP}   # what Path.exists() took for "does not exist"
 
 
@@ -135,11 +139,27 @@ def _end_jpeg_at_eof(img: Image.Image) -> list[bool]:
     return ended
 
 
-def _decode(path: Path, draft_min_side: int | None) -> tuple[Image.Image, bool]:
+# Formats whose pixel data starts where PIL stopped reading the header (JPEG: after the scan header; PNG: the
+# first IDAT's data; BMP: the pixel array): a file that ends there holds no pixel at all.
+_HEADER_THEN_PIXELS = ('JPEG', 'MPO', 'PNG', 'BMP', 'DIB')
+
+
+def _refuse_header_only(path: Path, img: Image.Image, file_size: int) -> None:
+    """One rule for every format: a file with a header and no pixel data is a `ValueError`, as PIL already
+    makes it for GIF and TIFF (JPEG, PNG and BMP got a class of a blank picture, and a truncation warning)."""
+    if img.format in _HEADER_THEN_PIXELS and img.tile:
+        start = max(img.fp.tell(), min(tile[2] for tile in img.tile))
+        if file_size <= start:
+            raise _Refused(f'{path} has a {img.format} header and no pixel data ({file_size} bytes, the pixels would '
+                           f'start at byte {start})')
+
+
+def _decode(path: Path, draft_min_side: int | None, file_size: int) -> tuple[Image.Image, bool]:
     with Image.open(path) as img:
         # No img.seek(0): a just-opened image is on its first frame already (animated GIF/WEBP), and a PSD
         # (whose layers are frames 1...) raised there instead of giving its flattened image.
         _refuse_oversized(path, img.size)
+        _refuse_header_only(path, img, file_size)
         ended = []
         if isinstance(img, JpegImagePlugin.JpegImageFile):   # MPO too
             if draft_min_side and img.format == 'JPEG':
@@ -188,7 +208,7 @@ def decode_image(image_path: str | os.PathLike,
     if st.st_size == 0:
         raise ValueError(f'{path} is an empty file, not an image')
     try:
-        return _decode(path, draft_min_side)
+        return _decode(path, draft_min_side, st.st_size)
     except _Refused as err:
         raise ValueError(str(err)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -234,7 +254,11 @@ def resized_size(size: tuple[int, int], pp: Preprocessing) -> tuple[int, int]:
         raise ValueError(f'a {w}x{h} image is no photo: the longer side may be at most {MAX_ASPECT_RATIO} times '
                          'the shorter one')
     scale = pp.resize_to / min(w, h)
-    return max(pp.size, round(w * scale)), max(pp.size, round(h * scale))
+    out = max(pp.size, round(w * scale)), max(pp.size, round(h * scale))
+    if out[0] * out[1] > MAX_RESIZE_PIXELS:
+        raise ValueError(f'a {w}x{h} image would be resized to {out[0]}x{out[1]} pixels for this model '
+                         f'(shorter side {pp.resize_to}), over the limit of {MAX_RESIZE_PIXELS} pixels')
+    return out
 
 
 def resize_center_crop(img: Image.Image, pp: Preprocessing) -> Image.Image:
@@ -275,4 +299,14 @@ def load_for_model(image_path: str | os.PathLike, pp: Preprocessing) -> torch.Te
     # JPEG draft decoding only where it pays (photos over ~2x the size needed): smaller photos decode
     # exactly as in training, so the model sees the same pixels it was validated on.
     img = open_image(image_path, draft_min_side=max(DRAFT_FLOOR, 2 * pp.resize_to))
+    check_resize(image_path, img, [pp])
     return to_normalized_tensor(resize_center_crop(img, pp), pp)
+
+
+def check_resize(image_path, img: Image.Image, pps: list[Preprocessing]) -> None:
+    """`ValueError` naming the path when resizing `img` for any of `pps` is refused (`resized_size`)."""
+    for pp in pps:
+        try:
+            resized_size(img.size, pp)
+        except ValueError as err:
+            raise ValueError(f'{image_path} is refused: {err}') from None

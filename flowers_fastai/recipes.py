@@ -165,3 +165,80 @@ TEACHER = Recipe(family='teacher', arch='tf_efficientnet_lite0', pretrained_tag=
                  warmup_pct=0.2, lr_base_bs=32)
 
 RECIPES = {'cnn': CNN, 'vit': VIT, 'teacher': TEACHER}
+
+
+def _between(lo, hi, lo_open=False, hi_open=False):
+    def check(v):
+        return (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
+    low = '' if lo is None else f'{">" if lo_open else ">="} {lo}'
+    high = '' if hi is None else f'{"<" if hi_open else "<="} {hi}'
+    what = ' and '.join(part for part in (low, high) if part)
+    return check, what
+
+
+# What each numeric field may be (a field not listed may be any value of its type). A bad value gave a traceback
+# deep in training, or trained at a zero or negative LR and exited 0.
+RECIPE_RANGES = {
+    'size': _between(32, 4096), 'bs': _between(1, None), 'accumulate': _between(1, None),
+    'epochs': _between(0, None), 'freeze_epochs': _between(0, None), 'final_epochs': _between(0, None),
+    'resize_epochs': _between(0, None), 'resize_to': _between(0, 4096), 'patience': _between(0, None),
+    'lr': _between(0, None, lo_open=True), 'backbone_lr_div': _between(0, None, lo_open=True),
+    'final_lr_div': _between(0, None, lo_open=True), 'llrd': _between(0, 1, lo_open=True),
+    'warmup_pct': _between(0, 1, hi_open=True), 'lr_base_bs': _between(0, None), 'wd': _between(0, None),
+    'label_smoothing': _between(0, 1, hi_open=True), 'drop_path': _between(0, 1, hi_open=True),
+    'valid_pct': _between(0, 1, lo_open=True, hi_open=True), 'min_scale': _between(0, 1, lo_open=True),
+    'seed': _between(0, None), 'split_seed': _between(-1, None), 'frozen_phase_blocks': _between(0, None),
+    'unfreeze_blocks': _between(0, None), 'ema_decay': _between(0, 1, hi_open=True), 'mixup': _between(0, 1),
+    'cutmix': _between(0, 1), 'randaugment': _between(0, None), 'randaugment_magnitude': _between(0, 30),
+    'color_jitter': _between(0, None), 'random_erasing': _between(0, 1), 'lora_rank': _between(0, None),
+    'lora_alpha': _between(0, None, lo_open=True), 'distill_alpha': _between(0, 1),
+    'distill_temperature': _between(0, None, lo_open=True), 'distill_features': _between(0, None),
+    'teacher_size': _between(OWN_SIZE, 4096),
+    'cache_size': _between(0, 4096),
+}
+
+
+def check_recipe(recipe: Recipe, source: str = 'option') -> None:
+    """`ValueError` in one sentence naming the first field of `recipe` that cannot train: a value of the wrong
+    type, out of RECIPE_RANGES, or an architecture its family does not know. `source` says where the value came
+    from (an option, or a run folder's config.json on --resume)."""
+    import math
+    for f in fields(recipe):
+        value, name = getattr(recipe, f.name), f.name.replace('_', '-')
+        typ = f.type if isinstance(f.type, str) else f.type.__name__
+        ok = {'int': lambda v: isinstance(v, int) and not isinstance(v, bool),
+              'float': lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+              'str': lambda v: isinstance(v, str),
+              'tuple[str, ...]': lambda v: isinstance(v, tuple) and all(isinstance(x, str) and x for x in v)}[typ](value)
+        if not ok:
+            kind = {'int': 'a whole number', 'float': 'a finite number', 'str': 'a string',
+                    'tuple[str, ...]': 'paths'}[typ]
+            raise ValueError(f'{source} {name} must be {kind}, not {value!r}')
+        if f.name in RECIPE_RANGES:
+            check, what = RECIPE_RANGES[f.name]
+            if not check(value):
+                raise ValueError(f'{source} {name} must be {what}, not {value!r}')
+    if recipe.mixup + recipe.cutmix > 1:
+        raise ValueError(f'{source} mixup ({recipe.mixup}) and cutmix ({recipe.cutmix}) must add up to at most 1')
+    if recipe.resize_epochs and recipe.resize_to < 32:
+        raise ValueError(f'{source} resize-to must be at least 32 with resize-epochs {recipe.resize_epochs}')
+    if recipe.family not in RECIPES:
+        raise ValueError(f'{source} family must be one of {", ".join(RECIPES)}, not {recipe.family!r}')
+    if not _known_arch(recipe.family, recipe.arch):
+        raise ValueError(f'{source} arch {recipe.arch!r} is no {recipe.family} architecture this project builds '
+                         f'({_ARCH_HINT[recipe.family]})')
+
+
+_ARCH_HINT = {'cnn': 'convnextv2_atto ... convnextv2_huge', 'vit': "an open_clip ViT config name, e.g. "
+              "ViT-L-14-quickgelu", 'teacher': 'a timm model name, e.g. tf_efficientnet_lite0'}
+
+
+def _known_arch(family: str, arch: str) -> bool:
+    if family == 'cnn':
+        from .architectures import CONVNEXTV2_SIZES
+        return arch.split('.')[0] in {f'convnextv2_{size}' for size in CONVNEXTV2_SIZES}
+    if family == 'vit':
+        import open_clip
+        return open_clip.get_model_config(arch) is not None
+    import timm
+    return timm.is_model(arch.split('.')[0])

@@ -23,10 +23,13 @@ Errors (the contract a grader's loop can rely on):
   `ValueError` naming the file and the key or sidecar field for anything that is not a finite float state_dict
   of that family with a 5-class head, or a sidecar that is not a JSON object of valid fields (SIDECAR_FIELDS).
   They work, and give the same model, under `torch.inference_mode()`, `no_grad()` or `enable_grad()`; a loaded
-  model may be shared by threads.
+  model may be shared by threads, and by the workers of a process pool of any start method (a forked child
+  computes on one intra-op thread: `inference_nets._after_fork_in_child`). A file whose forward pass on a probe
+  image is not finite (weights that overflow) is refused too.
 - `predict` / `predict_proba`: a class of `CLASSES` / a probability per class for any image PIL can decode;
   `FileNotFoundError` for a missing path; `ValueError` naming the path for anything else (a directory, an
-  empty or non-image file, a decompression bomb).
+  empty or non-image file, a header without pixel data, a decompression bomb, scores that are not finite: a NaN
+  never reaches the argmax).
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ import json
 import math
 import os
 import pickle
+import stat
 import struct
 import zipfile
 from pathlib import Path
@@ -72,7 +76,99 @@ def find_weights(weights_path: str | os.PathLike, family: str | None = None) -> 
                             + how)
 
 
+_ELEMENT_BYTES = {'Double': 8, 'Float': 4, 'Half': 2, 'BFloat16': 2, 'Long': 8, 'Int': 4, 'Short': 2, 'Char': 1,
+                  'Byte': 1, 'Bool': 1, 'ComplexFloat': 8, 'ComplexDouble': 16, 'Untyped': 1}
+
+
+class _Stub:
+    """Whatever a scanned pickle names: built from any arguments, holding nothing (no real global is looked up)."""
+    element_bytes = 8
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):   # an OrderedDict's items
+        pass
+
+    def append(self, item):
+        pass
+
+    def extend(self, items):
+        pass
+
+
+class _SizeScanner(pickle.Unpickler):
+    """Reads a torch pickle without building anything, adding up the bytes its storages declare: torch allocates
+    each storage at the size the pickle declares before reading its bytes, so a tiny crafted file could make
+    it allocate gigabytes."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.declared, self._stubs = 0, {}
+
+    def find_class(self, module, name):
+        if name not in self._stubs:
+            kind = name[:-len('Storage')] if name.endswith('Storage') else None
+            self._stubs[name] = type(name, (_Stub,), {'element_bytes': _ELEMENT_BYTES.get(kind, 8)})
+        return self._stubs[name]
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ('storage', b'storage'):
+            storage_type, numel = pid[1], pid[4]
+            if not isinstance(numel, int) or numel < 0:
+                raise ValueError(f'a storage declares {_short(numel)} elements')
+            self.declared += numel * getattr(storage_type, 'element_bytes', 8)
+        return _Stub()
+
+
+MAX_PICKLE_BYTES = 64 << 20   # the pickle part of a weights file: a few hundred KB for ViT-L
+
+
+def _check_declared_sizes(path: Path) -> None:
+    """Refuse, before torch reads anything, a file whose archive or pickle declares more bytes than the file holds
+    (`torch.save` writes every storage uncompressed): loading then never takes much more than the file's size."""
+    size = path.stat().st_size
+    with path.open('rb') as f:
+        is_zip = f.read(4) == b'PK\x03\x04'
+        f.seek(0)
+        if is_zip:
+            with zipfile.ZipFile(f) as archive:
+                entries = archive.infolist()
+                for entry in entries:
+                    if entry.file_size > size:
+                        raise _Oversized(f'{entry.filename} declares {entry.file_size} bytes in a file of {size}')
+                pickles = [e for e in entries if e.filename.endswith('/data.pkl') or e.filename == 'data.pkl']
+                if len(pickles) != 1 or pickles[0].file_size > MAX_PICKLE_BYTES:
+                    return   # no torch archive: torch.load says so
+                with archive.open(pickles[0]) as data:
+                    scanner = _SizeScanner(data)
+                    scanner.load()
+        else:   # the legacy format: magic number, protocol, system info, then the pickle that declares storages
+            for _ in range(3):
+                _SizeScanner(f).load()
+            scanner = _SizeScanner(f)
+            scanner.load()
+    if scanner.declared > size:
+        raise _Oversized(f'its tensors declare {scanner.declared} bytes in a file of {size}')
+
+
+class _Oversized(ValueError):
+    """A weights file that declares more bytes than it holds."""
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        _check_declared_sizes(path)
+    except _Oversized as err:
+        raise ValueError(f'{path} is refused before loading: {err} (a crafted or damaged file)') from None
+    except Exception:   # noqa: BLE001 - what the scan cannot follow, torch.load refuses below with its own reason
+        pass
     try:
         # read into memory the process owns, not memory-mapped: a loaded model must not change, or die of SIGBUS,
         # when its file is truncated or overwritten later (and legacy, non-zip torch files cannot be mapped)
@@ -170,6 +266,29 @@ SIDECAR_FIELDS = {
 }
 
 
+SIDECAR_MAX_BYTES = 1 << 20   # export writes ~1 KB; a sidecar of /dev/zero or 3 GB is no sidecar
+
+
+def _read_small_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`; `ValueError` otherwise. Opened without blocking and
+    checked on the open file, so a FIFO (whose open or read would wait for a writer for ever), a device
+    (/dev/zero, /dev/urandom never end) or a huge file is refused before anything is read."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0) | getattr(os, 'O_CLOEXEC', 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f'{path} is not a regular file (a directory, pipe or device)')
+        if st.st_size > max_bytes:
+            raise ValueError(f'{path} is {st.st_size} bytes, over the {max_bytes} bytes such a file may have')
+        with os.fdopen(fd, 'rb', closefd=False) as f:
+            data = f.read(max_bytes + 1)   # a file that grew meanwhile is still cut off here
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise ValueError(f'{path} is over the {max_bytes} bytes such a file may have')
+    return data
+
+
 def _read_sidecar(path: Path) -> dict:
     """The sidecar `<name>.json` beside `path` ({} when there is none), every field the loader reads checked
     against SIDECAR_FIELDS: `ValueError` naming the sidecar and the field, at load, not a failure later."""
@@ -177,12 +296,14 @@ def _read_sidecar(path: Path) -> dict:
     if not sidecar.exists():   # a directory of that name is not "no sidecar": it fails to read below
         return {}
     try:
-        settings = json.loads(sidecar.read_bytes())
+        data = _read_small_file(sidecar, SIDECAR_MAX_BYTES)
+    except (OSError, ValueError) as err:
+        raise ValueError(f'{sidecar} (the settings beside {path.name}) cannot be read: {err}') from None
+    try:
+        settings = json.loads(data)
     except (ValueError, RecursionError) as err:   # JSON, encoding, a 5000-digit number; [[[[...]]]] nested
         raise ValueError(f'{sidecar} (the settings beside {path.name}) is not valid JSON: '
                          f'{type(err).__name__}: {str(err)[:200]}') from None
-    except OSError as err:
-        raise ValueError(f'{sidecar} (the settings beside {path.name}) cannot be read: {err}') from None
     if not isinstance(settings, dict):
         raise ValueError(f'{sidecar} (the settings beside {path.name}) holds a JSON {type(settings).__name__}, '
                          'not an object of settings')
@@ -219,10 +340,38 @@ def _load(weights_path, family: str | None) -> tuple[dict[str, torch.Tensor], di
     return state_dict, sidecar, path, family
 
 
-def _ready(model: Served, family: str, preprocessing: Preprocessing, temperature: float) -> Served:
-    """The built model made servable. Runs inside `normal_tensors` (see `_loader`)."""
+def _ready(model: Served, family: str, preprocessing: Preprocessing, temperature: float, path: Path) -> Served:
+    """The built model made servable, and checked on a probe image. Runs inside `normal_tensors` (see `_loader`)."""
     model.serve(family, preprocessing, temperature)   # eval mode, no gradients, how to feed it
-    return pack_for_cpu(model)   # linear weights packed once for oneDNN (a cache; state_dict unchanged)
+    model = pack_for_cpu(model)   # linear weights packed once for oneDNN (a cache; state_dict unchanged)
+    _check_probe(model, path)
+    return model
+
+
+def probe_image(size: int) -> torch.Tensor:
+    """A fixed 1x3xSxS input (smooth ramps in each channel, in the range of normalised photos): what every
+    loaded model must answer with finite logits."""
+    ramp = torch.linspace(-2.0, 2.0, size, dtype=torch.float32)
+    x = torch.stack([ramp[None, :].expand(size, size), ramp[:, None].expand(size, size),
+                     (ramp[None, :] * ramp[:, None]).clamp(-2, 2)])
+    return x.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+
+
+def _check_probe(model: nn.Module, path: Path) -> None:
+    """Finite weights can still overflow: weights of 3e38 passed the finiteness check, then every prediction was
+    NaN and `predict` answered the first class. One forward pass on `probe_image` at load refuses such a file."""
+    with _serving():
+        logits = model(probe_image(model.flowers_preprocessing.size))
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(f'{path} gives non-finite logits (NaN or inf) on a probe image: its weights overflow '
+                         'float32 in a forward pass, so every prediction would be NaN')
+
+
+def _finite_or_refuse(scores: torch.Tensor, image_path) -> torch.Tensor:
+    """`scores` if every one is finite; else `ValueError` naming the photo: a NaN must never reach an argmax."""
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f'{image_path}: the model gave non-finite scores (NaN or inf) for this image')
+    return scores
 
 
 def _loader(load):
@@ -260,7 +409,7 @@ def load_model(weights_path: str | os.PathLike) -> nn.Module:
 def _build(state_dict: dict[str, torch.Tensor], sidecar: dict, path: Path, family: str) -> nn.Module:
     """The family's delivery network, with the file's tensors and the preprocessing it was trained with."""
     model, preprocessing = FAMILIES[family].delivery.build(state_dict, sidecar, path)
-    return _ready(model, family, preprocessing, float(sidecar.get('temperature', 1.0)))
+    return _ready(model, family, preprocessing, float(sidecar.get('temperature', 1.0)), path)
 
 
 @_loader
@@ -280,12 +429,12 @@ def predict(model: nn.Module, image_path: str | os.PathLike) -> str:
     _check(model, image_path)
     if isinstance(model, Ensemble):
         with _serving():
-            p = probabilities(model, [load_image(image_path, model)])[0]
+            p = _finite_or_refuse(probabilities(model, [load_image(image_path, model)])[0], image_path)
         return CLASSES[int(p.argmax())]
     x = load_for_model(image_path, model.flowers_preprocessing)
     with _serving():
-        logits = model(x)
-    return CLASSES[int(logits[0].float().argmax())]   # = argmax of softmax(logits / T): T > 0 keeps the order
+        logits = _finite_or_refuse(model(x)[0].float(), image_path)
+    return CLASSES[int(logits.argmax())]   # = argmax of softmax(logits / T): T > 0 keeps the order
 
 
 def predict_proba(model: nn.Module, image_path: str | os.PathLike) -> dict[str, float]:
@@ -294,7 +443,7 @@ def predict_proba(model: nn.Module, image_path: str | os.PathLike) -> dict[str, 
     for an ensemble: the mean of its members' calibrated probabilities."""
     _check(model, image_path)
     with _serving():
-        return as_dict(probabilities(model, [load_image(image_path, model)])[0])
+        return as_dict(_finite_or_refuse(probabilities(model, [load_image(image_path, model)])[0], image_path))
 
 
 @contextlib.contextmanager

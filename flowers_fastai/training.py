@@ -19,7 +19,7 @@ from fastai.vision.all import (Adam, Callback, ClassificationInterpretation, Cro
                                EarlyStoppingCallback, GradientAccumulation, GradientClip, Learner, Metric,
                                SaveModelCallback, accuracy, default_device, set_seed)
 
-from .callbacks import MixUpCutMix, WeightEMA
+from .callbacks import MixUpCutMix, StopOnNonFinite, TrainingDiverged, WeightEMA
 from .data import DatasetError, flower_dataloaders, split_photos
 from .exporting import VALID_ITEMS, RunFolderError, atomic_write, load_checkpoint, read_json, write_json
 from .labels import CLASSES
@@ -398,8 +398,8 @@ def run_phases(learn: Learner, recipe: Recipe, pretrained: bool | str | Path, co
     try:
         with _data_parallel(learn):
             _fit_phases(learn, recipe, pretrained, state, tracker, ema, recipe_cbs)
-    except RunFolderError as err:   # raised in a callback: fastai prefixed "Exception occured in ...:\n\t"
-        raise RunFolderError(str(err).split('\n\t')[-1]) from None
+    except (RunFolderError, TrainingDiverged) as err:   # from a callback: fastai prefixed "Exception occured in ...:\n\t"
+        raise type(err)(str(err).split('\n\t')[-1]) from None
     if not (run_dir / 'models' / f'{BEST}.pth').exists():
         raise RunFolderError(f'no epoch was trained, so there is no {run_dir / "models" / f"{BEST}.pth"} to report on: '
                              f'{RESUME_TODO}')
@@ -507,7 +507,7 @@ def _fit_phases(learn, recipe, pretrained, state, tracker, ema, recipe_cbs):
             learn.dls, learn.dls_size = learn.dataloaders_at(phase.size), phase.size
             print(f'Phase {phase.name}: photos at {phase.size} px')
         _set_trainable(learn, phase.trainable)
-        cbs = [tracker, ResumableCheckpoint(i, tracker, ema), HistoryCSV(phase.name), *recipe_cbs]
+        cbs = [tracker, ResumableCheckpoint(i, tracker, ema), HistoryCSV(phase.name), StopOnNonFinite(), *recipe_cbs]
         if recipe.patience:
             cbs.append(EarlyStopping(patience=recipe.patience))
         if recipe.accumulate > 1:

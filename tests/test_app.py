@@ -454,3 +454,122 @@ def test_a_50_mb_header_is_refused_quickly_without_being_buffered():
     assert took < 5
     assert answer == b'' or answer.startswith((b'HTTP/1.1 400', b'HTTP/1.1 431'))
     assert grown < 8 * 2 ** 20, f'the server buffered {grown / 2 ** 20:.0f} MB of it'
+
+
+# ------------------------------------------------------------------------------------------ memory budget
+def _multipart(name: str, data: bytes) -> tuple[bytes, str]:
+    boundary = 'flowersboundary'
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            'Content-Type: image/png\r\n\r\n').encode() + data + f'\r\n--{boundary}--\r\n'.encode()
+    return body, f'multipart/form-data; boundary={boundary}'
+
+
+def _post(url: str, name: str, data: bytes) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+    body, content_type = _multipart(name, data)
+    request = urllib.request.Request(url + 'predict', data=body, headers={'Content-Type': content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _large_png(side: int) -> bytes:
+    """A small file (a few KB) that decodes to side x side pixels: what a hostile upload does."""
+    import io
+
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.new('RGB', (side, side), (200, 40, 90)).save(buffer, 'PNG')
+    return buffer.getvalue()
+
+
+@pytest.mark.loopback
+def test_concurrent_large_uploads_stay_within_the_memory_budget(tiny_cnn_file, private_tmp, monkeypatch):
+    """Six uploads of small files that each decode to 9 Mpx (~100 MB while processed), all at once, against a
+    budget that fits two: every one is answered, and the decodes in flight never exceed the budget (counted
+    independently of the app: the pixels of the photos inside predict_proba at the same time)."""
+    from PIL import Image
+
+    from flowers_fastai import app as demo
+    from flowers_fastai.submit import load_cnn_model
+    side, uploads = 3000, 6
+    per_upload = demo.DECODE_OVERHEAD + demo.DECODE_BYTES_PER_PIXEL * side * side
+    budget = int(2.5 * per_upload)
+    lock, inside = threading.Lock(), []
+    peak = [0]
+    real = demo.predict_proba
+
+    def watched(model, path):
+        with Image.open(path) as img:
+            pixels = img.width * img.height
+        with lock:
+            inside.append(pixels)
+            peak[0] = max(peak[0], demo.DECODE_OVERHEAD * len(inside) + demo.DECODE_BYTES_PER_PIXEL * sum(inside))
+        try:
+            time.sleep(0.3)   # long enough for every upload to be waiting meanwhile
+            return real(model, path)
+        finally:
+            with lock:
+                inside.remove(pixels)
+    monkeypatch.setattr(demo, 'predict_proba', watched)
+    app = demo.create_app(load_cnn_model(tiny_cnn_file), max_memory=budget)
+    data = _large_png(side)
+    assert len(data) < 100_000
+    with served(app) as url:
+        results = [None] * uploads
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _post(url, f'{i}.png', data)))
+                   for i in range(uploads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=180)
+    assert [status for status, _ in results] == [200] * uploads, results
+    assert peak[0] > per_upload             # uploads did run side by side
+    assert peak[0] <= budget, f'{peak[0] / 2 ** 20:.0f} MB of decodes in flight over a budget of {budget / 2 ** 20:.0f} MB'
+    assert app.state.memory.peak <= budget and app.state.memory.in_use == 0
+
+
+def test_an_upload_whose_decoding_alone_exceeds_the_budget_is_413_before_decoding(tiny_cnn_file, private_tmp,
+                                                                                  model_calls):
+    from flowers_fastai.submit import load_cnn_model
+    with demo_client(load_cnn_model(tiny_cnn_file), max_memory=64 * 2 ** 20) as client:
+        answer = post_file(client, 'big.png', _large_png(4000), 'image/png')   # 16 Mpx: ~160 MB
+        small = post_file(client, 'small.png', _large_png(500), 'image/png')
+    assert answer.status_code == 413 and '4000x4000' in answer.json()['error'] and 'budget' in answer.json()['error']
+    assert small.status_code == 200
+    assert [path.name for path, _ in model_calls] == ['upload']   # the large one never reached the model
+
+
+@pytest.mark.loopback
+def test_the_header_limit_holds_for_a_head_that_arrives_at_once():
+    """h11's limit applies to a head still arriving: a 80 KB head sent in one piece passed a 64 KB limit."""
+    from flowers_fastai.app import create_app
+    with demo_server(create_app(None)) as url, \
+            socket.create_connection(('127.0.0.1', port_of(url)), timeout=10) as sock:
+        sock.sendall(b'GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ' + b'a' * 80 * 1024 + b'\r\n\r\n')
+        answer = read_until_closed(sock)
+    assert answer.startswith((b'HTTP/1.1 431', b'HTTP/1.1 400')), answer[:100]
+    with demo_server(create_app(None)) as url, \
+            socket.create_connection(('127.0.0.1', port_of(url)), timeout=10) as sock:
+        sock.sendall(b'GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ' + b'a' * 60 * 1024 + b'\r\nConnection: close\r\n\r\n')
+        answer = read_until_closed(sock)
+    assert answer.startswith(b'HTTP/1.1 200')   # under the limit: served
+
+
+@pytest.mark.parametrize('options', [['--port', '99999'], ['--port', '0'], ['--port', '-1'], ['--max-mb', '1e-9'],
+                                     ['--max-header-kb', '0.0001'], ['--max-mb', 'inf'], ['--max-memory-mb', '1']])
+def test_options_that_cannot_serve_are_refused_with_one_sentence(options, monkeypatch, capsys):
+    pytest.importorskip('uvicorn', reason='the web demo extra is not installed: pip install -e .[demo]')
+    from flowers_fastai import app
+
+    def accepted(*args, **kwargs):
+        pytest.fail(f'{options} was accepted: the model was loading')
+    monkeypatch.setattr(app, 'load_chosen_model', accepted)
+    with pytest.raises(SystemExit) as stop:
+        app.main(options)
+    assert stop.value.code == 2
+    assert options[0] in capsys.readouterr().err

@@ -537,3 +537,65 @@ def test_decode_image_reports_truncation_without_a_warning(tmp_path):
         assert not truncated
     with pytest.warns(TruncatedImageWarning):
         assert open_image(path).tobytes() == decode_image(path)[0].tobytes()
+
+
+# ------------------------------------------------------------------------------------------ a header, no pixels
+def _encoded(fmt: str) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    Image.new('RGB', (64, 48), (200, 30, 60)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _header_only(fmt: str) -> bytes:
+    data = _encoded(fmt)
+    if fmt == 'JPEG':   # up to the end of the scan header: the entropy-coded pixels would follow
+        sos = data.index(b'\xff\xda')
+        return data[:sos + 2 + struct.unpack('>H', data[sos + 2:sos + 4])[0]]
+    if fmt == 'PNG':    # IHDR, then the head of an IDAT chunk whose data is missing
+        return data[:8] + _chunk(b'IHDR', struct.pack('>IIBBBBB', 64, 48, 8, 2, 0, 0, 0)) + struct.pack('>I', 100) \
+            + b'IDAT'
+    if fmt == 'BMP':    # file and info headers: the pixel array would start at their end
+        return data[:struct.unpack('<I', data[10:14])[0]]
+    if fmt == 'GIF':    # header, screen descriptor and palette: no image descriptor
+        return data[:data.index(b',')]
+    return data[:8]     # TIFF: the byte order mark and the offset of a directory that is not there
+
+
+@pytest.mark.parametrize('fmt', ['JPEG', 'PNG', 'BMP', 'GIF', 'TIFF'])
+def test_a_header_without_pixel_data_is_a_value_error_in_every_format(fmt, tmp_path, tiny_cnn_file):
+    """One rule: JPEG, PNG and BMP headers with no pixel data got a class of a blank picture (and a truncation
+    warning) where GIF and TIFF gave ValueError. A file cut inside its pixel data still gets a class."""
+    model = load_cnn_model(tiny_cnn_file)
+    path = tmp_path / f'header.{fmt.lower()}'
+    path.write_bytes(_header_only(fmt))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')   # PIL's own chatter on a broken TIFF
+        with pytest.raises(ValueError, match=str(path)):
+            predict(model, path)
+    if fmt in ('JPEG', 'PNG', 'BMP'):
+        with pytest.raises(ValueError, match='no pixel data'):
+            open_image(path)
+        cut = tmp_path / f'cut.{fmt.lower()}'
+        header = len(_header_only(fmt)) - (8 if fmt == 'PNG' else 0)
+        cut.write_bytes(_encoded(fmt)[:header + (len(_encoded(fmt)) - header) // 2])   # half of the pixel data
+        with pytest.warns(TruncatedImageWarning):
+            assert predict(model, cut) in CLASSES
+
+
+def test_the_resize_work_is_bounded_whatever_the_sidecar_allows(tmp_path):
+    """An allowed sidecar (image_size 2048, crop_pct 0.25: a shorter side of 8192) and an allowed 50:1 photo asked
+    for a 409600 x 8192 resize (~10 GB): refused, naming the photo, before any resize. A square photo still fits."""
+    from flowers_fastai.preprocess import Preprocessing, load_for_model, resized_size
+    pp = Preprocessing(2048, 0.25, preprocess.IMAGENET_MEAN, preprocess.IMAGENET_STD)
+    with pytest.raises(ValueError, match='over the limit'):
+        resized_size((2000, 40), pp)
+    assert resized_size((300, 300), pp) == (8192, 8192)
+    photo = tmp_path / 'long.png'
+    Image.new('RGB', (2000, 40), (10, 200, 30)).save(photo)
+    with pytest.raises(ValueError, match=str(photo)):
+        load_for_model(photo, pp)

@@ -406,3 +406,95 @@ def test_nothing_is_ever_loaded_with_weights_only_false(weights_files, monkeypat
     load_ensemble(weights_files['cnn'], weights_files['vit'])
     load_model(weights_files['vit'])
     assert calls and all(w is True for w in calls), calls
+
+
+# ------------------------------------------------------------------------------------------ what a file makes load read
+@pytest.mark.parametrize('kind', ['fifo', 'dev_zero', 'dev_urandom', 'huge'])
+def test_a_sidecar_is_read_only_from_a_small_regular_file(kind, weights_files, tmp_path):
+    """A FIFO named <weights>.json made the load wait for a writer for ever; /dev/zero, /dev/urandom or a 3 GB
+    file were read whole (MemoryError). Each is a ValueError naming the sidecar, at once (run in a child with a
+    timeout, so that a hang fails)."""
+    weights = tmp_path / 'cnn_flowers.pth'
+    shutil.copy(weights_files['cnn'], weights)
+    sidecar = weights.with_suffix('.json')
+    if kind == 'fifo':
+        os.mkfifo(sidecar)
+    elif kind == 'huge':
+        with sidecar.open('wb') as f:   # sparse: 3 GB declared, nothing written
+            f.truncate(3 * 2 ** 30)
+    else:
+        sidecar.symlink_to(f'/dev/{kind[4:]}')
+    script = textwrap.dedent(f'''
+        from flowers_fastai.submit import load_cnn_model
+        try:
+            load_cnn_model({str(weights)!r})
+        except ValueError as err:
+            print('ValueError:', err)
+    ''')
+    out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, 'PYTHONPATH': str(Path(__file__).resolve().parent.parent)})
+    assert out.stdout.startswith('ValueError:') and str(sidecar) in out.stdout, out.stdout + out.stderr
+    assert 'regular file' in out.stdout or 'bytes' in out.stdout, out.stdout
+
+
+def _crafted_zip(tmp_path: Path, data_pkl: bytes | None = None, deflated_record: int | None = None) -> Path:
+    """A torch zip file of one tiny tensor, its pickle replaced by `data_pkl`, or its data record replaced by
+    `deflated_record` zero bytes stored deflated (a zip bomb: a few KB on disk)."""
+    import zipfile
+    plain = tmp_path / 'plain.pth'
+    torch.save({'w': torch.zeros(4)}, plain)
+    out = tmp_path / 'crafted.pth'
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(out, 'w') as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if data_pkl is not None and info.filename.endswith('/data.pkl'):
+                data = data_pkl
+            if deflated_record is not None and info.filename.endswith('/data/0'):
+                dst.writestr(info.filename, b'\0' * deflated_record, compress_type=zipfile.ZIP_DEFLATED)
+                continue
+            dst.writestr(info, data)
+    return out
+
+
+def _declaring_pickle(numel: int) -> bytes:
+    """The pickle of {'w': tensor} whose storage declares `numel` float32 elements."""
+    import collections
+    import io
+    import pickle
+    storage = object()
+
+    class Tensor:
+        def __reduce__(self):
+            return torch._utils._rebuild_tensor_v2, (storage, 0, (numel,), (1,), False, collections.OrderedDict())
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ('storage', torch.FloatStorage, '0', 'cpu', numel) if obj is storage else None
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=2).dump(collections.OrderedDict(w=Tensor()))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize('kind', ['pickle declares 1 GiB', 'deflated record of 256 MiB'])
+def test_sizes_a_weights_file_declares_are_checked_before_reading(kind, tmp_path):
+    """About 1 MB of crafted data made torch allocate 1 GiB before the file was refused: the declared sizes are
+    checked against the file's own size first. Measured as the child's peak memory."""
+    path = (_crafted_zip(tmp_path, data_pkl=_declaring_pickle(2 ** 28)) if kind.startswith('pickle')
+            else _crafted_zip(tmp_path, deflated_record=2 ** 28))
+    assert path.stat().st_size < 2 ** 20
+    script = textwrap.dedent(f'''
+        import resource
+        import torch   # its own footprint is the baseline
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        from flowers_fastai.submit import load_cnn_model
+        try:
+            load_cnn_model({str(path)!r})
+        except ValueError as err:
+            print('ValueError:', err)
+        print('grew_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+    ''')
+    out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, 'PYTHONPATH': str(Path(__file__).resolve().parent.parent)})
+    assert out.stdout.startswith('ValueError:') and 'declare' in out.stdout, out.stdout + out.stderr
+    grew = int(out.stdout.split('grew_kb')[1])
+    assert grew < 200 * 1024, f'loading took {grew // 1024} MB more'

@@ -506,3 +506,95 @@ def test_the_audit_report_warns_of_a_class_it_empties(tmp_path):
     report = audit_items(scan_image_folder(data).items).report()
     assert "class 'rose' keeps 0 of its 3 photos" in report
     assert report.count('Warning:') == 1   # tulip keeps its own 3 photos
+
+
+# ------------------------------------------------------------------------------------------ divergence
+TINY_CLI = ['--arch', 'convnextv2_atto', '--size', '32', '--bs', '8', '--epochs', '1', '--valid-pct', '0.25',
+            '--no-pretrained', '--randaugment', '0', '--color-jitter', '0', '--random-erasing', '0', '--mixup', '0',
+            '--cutmix', '0', '--ema-decay', '0', '--patience', '0', '--lr-base-bs', '0']
+
+
+def test_a_run_that_diverges_stops_with_one_sentence_and_a_non_zero_status(colour_folder, tmp_path):
+    """--lr 1e4 turns the loss to NaN: the run used to go on and exit 0 with NaN weights."""
+    import train as train_cli
+    with pytest.raises(SystemExit) as info:
+        train_cli.main(['cnn', '--data', str(colour_folder), '--name', 'r', '--runs', str(tmp_path), '--lr', '1e4',
+                        *TINY_CLI])
+    code = info.value.code
+    assert isinstance(code, str) and code.startswith('error: training diverged') and '\n' not in code, code
+    assert not (tmp_path / 'r' / 'metrics.json').exists()
+
+
+def _with_weights(run: Path, change) -> None:
+    """Rewrite the run's best checkpoint with `change` applied to every floating-point tensor."""
+    best = run / 'models' / 'best.pth'
+    saved = torch.load(best, weights_only=True)
+    state = saved.get('model', saved)
+    for key, value in state.items():
+        if value.is_floating_point():
+            state[key] = change(value)
+    torch.save(saved, best)
+
+
+EXPORT_REFUSED = {
+    'weights of 3e38 (finite, but the logits overflow)': (lambda run: _with_weights(run, lambda v: v.clone().fill_(3e38)),
+                                                          False),
+    '--half of weights over fp16\'s range': (lambda run: _with_weights(run, lambda v: v * 0 + 1e5), True),
+    'a config field out of range': (lambda run: (run / 'config.json').write_text(json.dumps(
+        {**json.loads((run / 'config.json').read_text()),
+         'preprocessing': {**json.loads((run / 'config.json').read_text())['preprocessing'], 'crop_pct': 5.0}})),
+        False),
+}
+
+
+@pytest.mark.parametrize('case', list(EXPORT_REFUSED))
+def test_export_never_replaces_a_file_with_one_submit_would_refuse(case, cnn_run, tmp_path):
+    import export as export_cli
+    damage, half = EXPORT_REFUSED[case]
+    run = copy_run(cnn_run, tmp_path / 'run')
+    out = tmp_path / 'weights' / 'cnn_flowers.pth'
+    export_run(cnn_run, out, calibrated=False)
+    before = {p.name: p.read_bytes() for p in (out, out.with_suffix('.json'))}
+    damage(run)
+    with pytest.raises(SystemExit) as info:
+        export_cli.main(['--run', str(run), '--out', str(out), '--no-calibrate', *(['--half'] if half else [])])
+    code = info.value.code
+    assert isinstance(code, str) and code.startswith('error: ') and 'refused' in code and '\n' not in code, code
+    assert {p.name: p.read_bytes() for p in (out, out.with_suffix('.json'))} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(before)   # no temporary file left
+
+
+# ------------------------------------------------------------------------------------------ options that cannot train
+@pytest.mark.parametrize('option', [['--arch', 'convnextv2_gigantic'], ['--bs', '0'], ['--accumulate', '0'],
+                                    ['--accumulate', '-1'], ['--lr', '0'], ['--lr=-1e-3'], ['--lr', 'nan'],
+                                    ['--epochs', '-2']])
+def test_an_option_that_cannot_train_is_refused_with_one_sentence(option, colour_folder, tmp_path):
+    import train as train_cli
+    with pytest.raises(SystemExit) as info:
+        train_cli.main(['cnn', '--data', str(colour_folder), '--name', 'r', '--runs', str(tmp_path), *TINY_CLI,
+                        *option])
+    code = info.value.code
+    assert isinstance(code, str) and code.startswith(f"error: {option[0].split('=')[0]}") and '\n' not in code, code
+    assert not (tmp_path / 'r').exists()   # refused before anything was made
+
+
+RESUME_FIELDS = {'recipe not an object': lambda c: {**c, 'recipe': [1, 2]},
+                 'lr a string': lambda c: {**c, 'recipe': {**c['recipe'], 'lr': 'fast'}},
+                 'bs 0': lambda c: {**c, 'recipe': {**c['recipe'], 'bs': 0}},
+                 'accumulate -1': lambda c: {**c, 'recipe': {**c['recipe'], 'accumulate': -1}},
+                 'unknown arch': lambda c: {**c, 'recipe': {**c['recipe'], 'arch': 'resnet9000'}},
+                 'pretrained a list': lambda c: {**c, 'pretrained': [1]}}
+
+
+@pytest.mark.parametrize('damage', list(RESUME_FIELDS))
+def test_resume_checks_every_field_it_reads_back_from_the_run_folder(damage, cnn_run, tmp_path):
+    import train as train_cli
+    run = copy_run(cnn_run, tmp_path / 'runs' / 'r')
+    as_interrupted_after_epoch_0(run)
+    config = run / 'config.json'
+    config.write_text(json.dumps(RESUME_FIELDS[damage](json.loads(config.read_text()))))
+    with pytest.raises(SystemExit) as info:
+        train_cli.main(['cnn', '--name', 'r', '--runs', str(tmp_path / 'runs'), '--resume'])
+    code = info.value.code
+    assert isinstance(code, str) and code.startswith(f'error: {config} cannot be resumed') and '\n' not in code, code
+    assert not (run / 'metrics.json').exists()

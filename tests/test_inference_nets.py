@@ -227,3 +227,26 @@ def test_requirements_and_pyproject_give_the_torch_range_the_onednn_ops_were_run
     assert [str(r.specifier) for r in torch_req] == [str(Requirement(d).specifier) for d in declared
                                                       if Requirement(d).name == 'torch']
     assert torch_req[0].specifier.contains(torch.__version__.split('+')[0])
+
+
+def test_int8_packing_leaves_the_process_warning_filters_alone(tiny_vit_file, monkeypatch):
+    """Warning filters are process-wide: hiding torch's deprecation note with `warnings.catch_warnings` while
+    repacking made another thread lose its own warnings (166 of 400 truncation warnings). Quantizing and
+    predicting must not touch them."""
+    import warnings
+
+    from flowers_fastai.submit import load_vit_model, predict_proba, quantize_int8
+    from .conftest import EXAMPLES
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError('the process-wide warning filters were changed')
+    model = quantize_int8(load_vit_model(tiny_vit_file))
+    for name in ('catch_warnings', 'simplefilter', 'filterwarnings', 'resetwarnings'):
+        monkeypatch.setattr(warnings, name, forbidden)
+    filters = list(warnings.filters)
+    with torch.no_grad():   # repack: the parameters moved, so every Int8Linear quantizes again
+        for p in model.parameters():
+            p.mul_(1.0)
+    p = predict_proba(model, sorted(EXAMPLES.glob('*.jpg'))[0])
+    assert abs(sum(p.values()) - 1) < 1e-5
+    assert warnings.filters == filters

@@ -33,6 +33,7 @@ from PIL import Image, ImageFile
 from torch import nn
 
 from flowers_fastai import preprocess, submit
+from flowers_fastai.inference import Ensemble
 from flowers_fastai.preprocess import TruncatedImageWarning, open_image
 from flowers_fastai.submit import CLASSES, load_cnn_model, load_vit_model, predict, predict_proba
 
@@ -688,3 +689,77 @@ def test_submit_works_with_fastai_blocked(tiny_cnn_file, tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1].split()[0] == 'OK'
     assert out.stdout.strip().split()[-1] in CLASSES
+
+
+# ------------------------------------------------------------------------------------------ process pools
+_POOL_MODEL = None
+
+
+def _set_pool_model(model):
+    global _POOL_MODEL
+    _POOL_MODEL = model
+
+
+def _predict_in_worker(path):
+    return predict(_POOL_MODEL, path), torch.get_num_threads()
+
+
+@pytest.mark.parametrize('start_method', ['fork', 'spawn', 'forkserver'])
+def test_a_process_pool_predicts_after_load_with_every_start_method(start_method, cnn_model, tmp_path):
+    """A loaded model given to a process pool's workers: fork copies it (PyTorch's OpenMP pool does not survive a
+    fork: the workers hung for ever), spawn and forkserver pickle it (its packed caches held a lock). Timed out,
+    so that a hang fails the test instead of holding the suite."""
+    import multiprocessing
+    photos = [str(_solid_photo(tmp_path / f'{i}.png', (40 * i, 120, 200))) for i in range(4)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)   # the parent's OpenMP pool in use with 2 threads: what made forked children hang
+    try:
+        expected = [predict(cnn_model, p) for p in photos]
+        pool = multiprocessing.get_context(start_method).Pool(2, initializer=_set_pool_model, initargs=(cnn_model,))
+        try:
+            answers = pool.map_async(_predict_in_worker, photos).get(timeout=120)
+        except multiprocessing.TimeoutError:
+            pytest.fail(f'a {start_method} pool gave no answer in 120 s')
+        finally:
+            pool.terminate()
+            pool.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert [label for label, _ in answers] == expected
+    if start_method == 'fork':
+        assert {n for _, n in answers} == {1}   # one intra-op thread in a forked worker
+
+
+def _solid_photo(path: Path, rgb) -> Path:
+    Image.new('RGB', (48, 40), rgb).save(path)
+    return path
+
+
+def test_a_loaded_model_pickles_and_predicts_the_same(cnn_model, tiny_vit_file, tmp_path):
+    photo = _solid_photo(tmp_path / 'p.png', (200, 30, 60))
+    for model in (cnn_model, submit.quantize_int8(load_vit_model(tiny_vit_file))):
+        copy = pickle.loads(pickle.dumps(model))
+        assert predict_proba(copy, photo) == pytest.approx(predict_proba(model, photo), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ overflowing weights
+@pytest.mark.parametrize('family', ['cnn', 'vit'])
+def test_finite_but_huge_weights_are_refused_at_load(family, tmp_path, weights_files):
+    state = torch.load(weights_files[family], weights_only=True)
+    huge = {k: torch.full_like(v, 3e38) if v.is_floating_point() else v for k, v in state.items()}
+    path = _save_like(tmp_path, weights_files[family], huge, f'{family}_huge.pth')
+    with pytest.raises(ValueError, match='non-finite logits'):
+        submit.load_model(path)
+
+
+def test_a_nan_never_reaches_the_argmax(tiny_cnn_file, tmp_path):
+    """Weights changed after load so that a photo overflows: predict and predict_proba refuse, never 'daisy'."""
+    model = load_cnn_model(tiny_cnn_file)
+    photo = _solid_photo(tmp_path / 'p.png', (200, 30, 60))
+    with torch.no_grad():
+        model.head.fc.weight.fill_(3e38)
+    for call in (predict, predict_proba):
+        with pytest.raises(ValueError, match='non-finite'):
+            call(model, photo)
+    with pytest.raises(ValueError, match='non-finite'):
+        predict(Ensemble([model]), photo)
