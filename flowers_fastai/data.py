@@ -15,7 +15,7 @@ from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, ImageBlock, 
 from sklearn.model_selection import StratifiedGroupKFold
 
 from .audit import Audit, audit_items, duplicate_groups, flickr_id, listed_pairs, perceptual_hashes
-from .data_files import scan_folder
+from .data_files import folder_names, scan_folder
 from .labels import CLASSES
 from .preprocess import Preprocessing, decode_image, open_image, resize_center_crop
 
@@ -133,13 +133,6 @@ def data_folders(data) -> list[Path]:
     return [Path(f) for f in folders]
 
 
-def folder_names(folders: list[Path]) -> list[str]:
-    """A short, unique name per data folder (its own name, numbered when two share one): the per-folder columns of
-    history.csv and metrics.json."""
-    names = [Path(f).name or str(f) for f in folders]
-    return [name if names.count(name) == 1 else f'{name}{k}' for k, name in enumerate(names)]
-
-
 @dataclass
 class PhotoSplit:
     """The photos of one or several folders and their train/validation split (`split_photos`).
@@ -179,7 +172,7 @@ def split_photos(data, split: str = 'grouped', valid_pct: float = 0.2, seed: int
     that many photos, shared among the folders by size (smoke tests)."""
     if split not in ('grouped', 'stratified'):
         raise ValueError(f'split must be "grouped" or "stratified", not {split!r}')
-    folders = data_folders(data)
+    folders = [folder.resolve() for folder in data_folders(data)]   # valid_items.csv: readable from anywhere
     scanned = [scan_image_folder(root).items for root in folders]
     if limit_items is not None:
         total = sum(map(len, scanned))

@@ -95,3 +95,10 @@ def folder_files(folder: Path, unreadable: list[tuple[Path, str]] | None = None,
             if is_file and not (strict and name.startswith('.')):
                 (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
     return sorted(images), sorted(others)
+
+
+def folder_names(folders: list[Path]) -> list[str]:
+    """A short, unique name per data folder (its own name, numbered when two share one): the per-folder columns of
+    history.csv and metrics.json."""
+    names = [Path(f).name or str(f) for f in folders]
+    return [name if names.count(name) == 1 else f'{name}{k}' for k, name in enumerate(names)]

@@ -94,6 +94,29 @@ def scan_labelled_folder(root: str | os.PathLike) -> LabelledFolder:
                           unreadable_folders=found.unreadable)
 
 
+def merged(folders: list[LabelledFolder]) -> LabelledFolder:
+    """Several scanned folders as one (photos in folder order); one folder as it is."""
+    if len(folders) == 1:
+        return folders[0]
+    return LabelledFolder(root=folders[0].root, items=[item for f in folders for item in f.items],
+                          non_images=[p for f in folders for p in f.non_images],
+                          unreadable_folders=[u for f in folders for u in f.unreadable_folders])
+
+
+def accuracy_by_folder(result: dict, folders: list[LabelledFolder]) -> dict[str, dict]:
+    """Each folder's accuracy and photo count in an `evaluate` result over their merged photos (photos that
+    failed to decode count nowhere, as in the overall numbers)."""
+    from .data_files import folder_names
+    source = {str(path): k for k, f in enumerate(folders) for path, _ in f.items}
+    predicted = result['probabilities'].argmax(1)
+    out = {}
+    for k, name in enumerate(folder_names([f.root for f in folders])):
+        mine = [i for i, path in enumerate(result['paths']) if source[path] == k]
+        right = sum(int(predicted[i] == result['targets'][i]) for i in mine)
+        out[name] = {'n_photos': len(mine), 'accuracy': right / len(mine) if mine else None}
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- the model
 def load_model(weights_paths: Sequence[str | os.PathLike]) -> nn.Module:
     """One weights file -> its model (`submit.load_model`: CNN or ViT, by the sidecar's `family` or the key
@@ -293,10 +316,12 @@ def _describe(model: nn.Module, weights: list[Path]) -> list[dict]:
             for path, m in zip(weights, members(model))]
 
 
-def default_out(weights: Sequence[str | os.PathLike], data: str | os.PathLike) -> Path:
-    """eval/<weights stem>-<data folder name> (stems joined with '+' for an ensemble), under the cwd."""
+def default_out(weights: Sequence[str | os.PathLike], data) -> Path:
+    """eval/<weights stem>-<data folder name> (stems, and folder names, joined with '+' for an ensemble or
+    several folders), under the cwd."""
     stems = '+'.join(Path(w).stem for w in weights)
-    return Path('eval') / f'{stems}-{Path(data).resolve().name}'
+    folders = [data] if isinstance(data, (str, os.PathLike)) else data
+    return Path('eval') / f'{stems}-{"+".join(Path(d).resolve().name for d in folders)}'
 
 
 OUTPUT_NAMES = ('metrics.json', 'predictions.csv', 'misclassified.csv', 'failed.csv', 'confusion_matrix.csv',
@@ -330,7 +355,9 @@ def _main(argv) -> int:
     parser.add_argument('--weights', action='append', required=True, metavar='FILE',
                         help='exported weights (looked up in the cwd, then in weights/); twice (e.g. a CNN and a '
                              'ViT file) for their ensemble')
-    parser.add_argument('--data', type=Path, required=True, metavar='DIR', help='folder of class folders')
+    parser.add_argument('--data', type=Path, nargs='+', required=True, metavar='DIR',
+                        help='folder(s) of class folders; several: evaluated together, with each folder\'s '
+                             'accuracy too')
     parser.add_argument('--tta', action='store_true', help='also evaluate with test-time augmentation (6 views)')
     parser.add_argument('--out', type=Path, metavar='DIR',
                         help='output folder (default: eval/<weights stem>-<data folder name>)')
@@ -345,8 +372,10 @@ def _main(argv) -> int:
 
     out = args.out if args.out is not None else default_out(args.weights, args.data)
     try:
-        folder = scan_labelled_folder(args.data)
-        check_out_folder(out, args.data)   # before the model load and the (slow) evaluation
+        folders = [scan_labelled_folder(data) for data in args.data]
+        folder = merged(folders)
+        for data in args.data:
+            check_out_folder(out, data)   # before the model load and the (slow) evaluation
         weights = [find_weights(w) for w in args.weights]
         model = load_model(weights)
         if args.int8 and not any(isinstance(m, ClipViTClassifier) for m in members(model)):
@@ -376,7 +405,7 @@ def _main(argv) -> int:
     metrics = {
         'weights': _describe(model, weights),
         'ensemble': isinstance(model, Ensemble),
-        'data': str(args.data.resolve()),
+        'data': [str(data.resolve()) for data in args.data] if len(args.data) > 1 else str(args.data[0].resolve()),
         'classes': CLASSES,
         'n_files': plain['n_files'],
         'n_evaluated': plain['n_photos'],
@@ -391,6 +420,9 @@ def _main(argv) -> int:
         'tta': summary_numbers(results['tta']) if 'tta' in results else None,
         'int8': summary_numbers(results['int8']) if 'int8' in results else None,
     }
+    if len(folders) > 1:
+        metrics['accuracy_by_folder'] = {variant: accuracy_by_folder(result, folders)
+                                         for variant, result in results.items()}
     try:
         # ensure_ascii: a path that is not valid UTF-8 is written as a JSON \udcXX escape, read back losslessly
         (out / 'metrics.json').write_text(json.dumps(metrics, indent=2, ensure_ascii=True) + '\n', encoding='ascii')
@@ -403,9 +435,12 @@ def _main(argv) -> int:
     described = ', '.join(f'{Path(w["path"]).name} ({w["family"]}, {w["image_size"]} px, T={w["temperature"]:g})'
                           for w in metrics['weights'])
     print(f'weights: {"ensemble of " if metrics["ensemble"] else ""}{described}')
-    print(f'data:    {args.data}: {plain["n_photos"]} photos evaluated, {plain["n_failed"]} failed to decode, '
+    print(f'data:    {" ".join(map(str, args.data))}: {plain["n_photos"]} photos evaluated, {plain["n_failed"]} failed to decode, '
           f'{len(folder.non_images)} non-image file(s) skipped'
           + (f'; no photos of {", ".join(folder.missing_classes)}' if folder.missing_classes else ''))
+    for variant, by_folder in metrics.get('accuracy_by_folder', {}).items():
+        print(f'{variant} accuracy by folder: ' + ', '.join(f'{name} {v["accuracy"]:.4f} ({v["n_photos"]} photos)'
+                                                             for name, v in by_folder.items()))
     print()
     print('\n'.join(_table(results)))
     if plain['failed']:

@@ -315,6 +315,10 @@ def prepare_learner(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, p
             return flower_dataloaders(photos.frame, preprocessing_for(recipe, size), bs=recipe.bs,
                                       num_workers=num_workers, **augment)
         if cache is None:
+            largest = max(recipe.size, recipe.resize_to if recipe.resize_epochs else 0)
+            if recipe.cache_size < largest:
+                warnings.warn(f'--cache-size {recipe.cache_size} is below the largest training size, {largest} px: '
+                              'crops are upsampled from it (pass --cache-size of at least that)')
             started = time.time()
             cache = PhotoCache(photos.frame, recipe.cache_size)
             print(f'{len(cache.train)} training photos decoded into memory at {recipe.cache_size} px '
@@ -542,9 +546,13 @@ def report_run(learn: Learner, run_dir: Path, seconds: float | None = None) -> d
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     interp = ClassificationInterpretation.from_learner(learn)
-    _, targs, decoded = learn.get_preds(dl=interp.dl, with_decoded=True)
-    cm = confusion_matrix(targs, decoded)
-    interp.confusion_matrix = lambda: cm   # what plot_confusion_matrix draws: no second pass over the photos
+    by_folder = [m for m in getattr(learn, 'metrics', ()) if isinstance(m, FolderAccuracy)]
+    if by_folder:   # one pass over the photos for the matrix and each folder's accuracy
+        _, targs, decoded = learn.get_preds(dl=interp.dl, with_decoded=True)
+        cm = confusion_matrix(targs, decoded)
+        interp.confusion_matrix = lambda: cm   # what plot_confusion_matrix draws
+    else:
+        cm = interp.confusion_matrix()
     np.savetxt(run_dir / 'confusion_matrix.csv', cm, fmt='%d', delimiter=',', header=','.join(CLASSES))
     interp.plot_confusion_matrix(figsize=(6, 6), title=f'{run_dir.name}: validation confusion matrix')
     plt.savefig(run_dir / 'confusion_matrix.png', dpi=100, bbox_inches='tight')
@@ -552,8 +560,7 @@ def report_run(learn: Learner, run_dir: Path, seconds: float | None = None) -> d
     # a class with no validation photo has no accuracy: null, not NaN (prepare_learner refuses such a split)
     valid_accuracy, n_valid, per_class = accuracy_by_class(cm)
     metrics = {'valid_accuracy': valid_accuracy, 'n_valid': n_valid, 'per_class_accuracy': per_class}
-    by_folder = [m for m in learn.metrics if isinstance(m, FolderAccuracy)]
-    if by_folder:   # validation photos are in the DataLoader's order, as the interpretation's predictions
+    if by_folder:   # validation photos are in the DataLoader's order, as the predictions
         sources, right = interp.dl.items['source'].to_numpy(), (decoded == targs).numpy()
         metrics['valid_accuracy_by_folder'] = {m.name.removeprefix('accuracy_'): float(right[sources == m.source]
                                                                                        .mean()) for m in by_folder}

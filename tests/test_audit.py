@@ -101,3 +101,21 @@ def test_real_folder_audit_finds_the_photos_filed_as_rose_and_tulip():
             '17291930305_79deae6a90_n.jpg'} <= {name for g in conflicts for _, name in g}
     assert all({label for label, _ in g} == {'rose', 'tulip'} for g in conflicts)
     assert len(audit.groups()) >= 25
+
+
+def test_train_py_audit_reads_several_folders_and_finds_copies_across_them(tmp_path):
+    import subprocess
+    import sys
+    from .conftest import REPO
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    for k, c in enumerate(CLASSES):
+        for root, offset in ((a, 0), (b, 50)):
+            (root / c).mkdir(parents=True)
+            for i in range(3):
+                photo(100 * k + offset + i, size=(48, 32)).save(root / c / f'{i}.jpg')
+    photo(0, size=(48, 32)).save(b / 'rose' / 'copy_of_a_daisy.jpg')   # a/daisy/0.jpg filed under rose in b
+    out = subprocess.run([sys.executable, 'train.py', 'audit', '--data', str(a), str(b)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith('31 photos; 1 groups of copies')
+    assert f'daisy: {a / "daisy" / "0.jpg"}  |  rose: {b / "rose" / "copy_of_a_daisy.jpg"}' in out.stdout

@@ -230,9 +230,9 @@ def test_real_folders_split_together_give_the_first_its_split_alone():
     flickr = DATA_DIR.parent / 'flowers-flickr'
     if not flickr.is_dir():
         pytest.skip(f'{flickr} is absent')
-    labels = [label for _, label in scan_image_folder(DATA_DIR).items]
-    _, valid = stratified_split(labels, 0.2, 0)
-    alone = {scan_image_folder(DATA_DIR).items[i][0] for i in valid}
+    items = scan_image_folder(DATA_DIR).items
+    _, valid = stratified_split([label for _, label in items], 0.2, 0)
+    alone = {items[i][0] for i in valid}
     both = split_photos([DATA_DIR, flickr], 'stratified', 0.2, 0)
     assert len(alone) == 778 and _valid_paths(both, source=0) == alone
     assert len(_valid_paths(both, source=1)) == 606

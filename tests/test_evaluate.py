@@ -268,3 +268,25 @@ def test_metrics_module_counts_as_by_hand():
     assert metrics.nll(probabilities, torch.tensor([0, 0])) == pytest.approx((-torch.tensor(0.7).log().item()
                                                                              - torch.tensor(1e-12).log().item()) / 2)
     assert ev.classification_metrics is metrics.classification_metrics and ev.ECE_BINS == metrics.ECE_BINS == 15
+
+
+def test_several_folders_are_evaluated_together_with_each_folders_accuracy(labelled_folder, tmp_path, capsys,
+                                                                          tiny_cnn_file):
+    second = tmp_path / 'second'
+    for c in CLASSES:
+        (second / c).mkdir(parents=True)
+        Image.new('RGB', (40, 30), (40 * CLASSES.index(c), 90, 200)).save(second / c / 'a.png')
+    out = tmp_path / 'out'
+    assert ev.main(['--weights', str(tiny_cnn_file), '--data', str(labelled_folder), str(second),
+                    '--out', str(out)]) == 0
+    metrics = json.loads((out / 'metrics.json').read_text())
+    by_folder = metrics['accuracy_by_folder']['plain']
+    assert metrics['data'] == [str(labelled_folder.resolve()), str(second.resolve())]
+    assert {k: v['n_photos'] for k, v in by_folder.items()} == {'smallset': 10, 'second': 5}   # broken.jpg counts nowhere
+    model = load_cnn_model(tiny_cnn_file)
+    for name, folder in (('smallset', labelled_folder), ('second', second)):
+        items = [(p, label) for p, label in ev.scan_labelled_folder(folder).items if p.name != 'broken.jpg']
+        right = sum(max(predict_proba(model, p), key=predict_proba(model, p).get) == label for p, label in items)
+        assert by_folder[name]['accuracy'] == pytest.approx(right / len(items))
+    assert metrics['plain']['n_photos'] == 15 and 'accuracy by folder: smallset' in capsys.readouterr().out
+    assert ev.default_out([tiny_cnn_file], [labelled_folder, second]).name == 'cnn_flowers-smallset+second'

@@ -103,3 +103,84 @@ def test_kd_long_report_soup_is_the_uniform_average_of_one_networks_files(tmp_pa
     torch.save({'other': torch.zeros(2)}, tmp_path / 'c.pth')
     with pytest.raises(SystemExit, match='same tensors'):
         report.soup([tmp_path / 'a.pth', tmp_path / 'c.pth'], tmp_path / 'bad.pth')
+
+
+def test_teachers_report_scores_each_teacher_as_training_validated_it_and_refuses_mixed_splits(colour_folder,
+                                                                                             tmp_path, capsys):
+    from flowers_fastai.training import train
+    from .test_distill import TINY_TEACHER
+    runs = {}
+    for name, seed in (('a', 0), ('b', 0), ('other-split', 1)):
+        runs[name] = tmp_path / name
+        train(TINY_TEACHER.override(seed=seed), colour_folder, runs[name], pretrained=False, split='stratified')
+    report = load_script('teachers_report')
+    assert report.main(['--teachers', str(runs['a']), str(runs['b']), '--sizes', '24']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    own = {line.split(' |')[0][2:]: float(line.split('|')[2]) for line in lines if '(own)' in line}
+    for name in ('a', 'b'):   # the validation accuracy training recorded, on the same eval crop
+        metrics = json.loads((runs[name] / 'metrics.json').read_text())
+        assert own[f'{name}, 32 px (own)'] == pytest.approx(metrics['valid_accuracy'], abs=1e-4)
+    assert any(line.startswith('| a, 24 px |') for line in lines)
+    assert any(line.startswith('| ensemble of 2, own size |') for line in lines)
+    with pytest.raises(SystemExit, match='other photos'):
+        report.main(['--teachers', str(runs['a']), str(runs['other-split'])])
+
+
+def test_data_arms_compare_at_equal_steps_on_the_teachers_split_and_report_each_folder(tmp_path):
+    arms = load_script('data_arms')
+    args = argparse.Namespace(runs=tmp_path, data=[Path('/d/flowers'), Path('/d/flickr')], epochs=24, split_seed=0,
+                              teachers=[Path('/t/lite0'), Path('/t/lite1'), Path('/t/lite2')], teacher_size=128,
+                              seeds=[0, 1], arms=list(arms.ARMS))
+    photos = {1: 3109, 2: 5530}
+    one, two = arms.command(args, 'one-folder', 0, photos), arms.command(args, 'two-folders', 0, photos)
+    assert one[one.index('--data') + 1:one.index('--arch')] == ['/d/flowers']
+    assert int(one[one.index('--epochs') + 1]) == round(24 * 5530 / 3109) == 43   # as many steps as 24 on both
+    assert two[two.index('--data') + 1:two.index('--arch')] == ['/d/flowers', '/d/flickr']
+    assert '--teacher' not in one and '--teacher' not in two
+    lite0, ensemble = arms.command(args, 'lite0', 1, photos), arms.command(args, 'ensemble', 1, photos)
+    assert lite0[lite0.index('--teacher') + 1:lite0.index('--teacher-size')] == ['/t/lite0']
+    assert ensemble[ensemble.index('--teacher') + 1:ensemble.index('--teacher-size')] == ['/t/lite0', '/t/lite1',
+                                                                                           '/t/lite2']
+    assert all(c[c.index('--split-seed') + 1] == '0' for c in (one, two, lite0, ensemble))
+    (tmp_path / 'lite0-seed1').mkdir()
+    (tmp_path / 'lite0-seed1' / 'config.json').write_text('{}')   # interrupted: resumed from its own config
+    assert arms.command(args, 'lite0', 1, photos)[-1] == '--resume'
+    for arm, seed, first, second in [('one-folder', 0, 0.70, None), ('one-folder', 1, 0.72, None),
+                                     ('two-folders', 0, 0.74, 0.80), ('two-folders', 1, 0.76, 0.84)]:
+        folder = tmp_path / f'{arm}-seed{seed}'
+        folder.mkdir()
+        metrics = {'valid_accuracy': first if second is None else (first + second) / 2}
+        if second is not None:
+            metrics['valid_accuracy_by_folder'] = {'flowers': first, 'flickr': second}
+        (folder / 'metrics.json').write_text(json.dumps(metrics))
+    table = arms.summary(args).splitlines()
+    assert table[2] == '| one-folder | 0.7000 | 0.7200 | 0.7100 +/- 0.0141 | - | - |'
+    assert table[3] == '| two-folders | 0.7400 | 0.7600 | 0.7500 +/- 0.0141 | 0.8200 +/- 0.0283 | 0.7850 +/- 0.0212 |'
+    assert table[4].startswith('| lite0 | - | - | - |')
+
+
+def test_long_run_trains_the_teachers_then_the_student_they_teach_skipping_and_resuming(tmp_path):
+    """scripts/long_run.sh's orchestration, with a stand-in for Python that records each train.py call."""
+    calls = tmp_path / 'calls.txt'
+    stand_in = tmp_path / 'python'
+    stand_in.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    stand_in.chmod(0o755)
+    runs = tmp_path / 'runs'
+    fake_run(runs / 'teacher-lite0-160', [0.93])                       # finished: skipped
+    (runs / 'teacher-lite1-160').mkdir(parents=True)
+    (runs / 'teacher-lite1-160' / 'config.json').write_text('{}')     # interrupted: resumed
+    env = {**os.environ, 'RUNS': str(runs), 'DATA': 'a b', 'PYTHON': str(stand_in), 'SEED': '2', 'EPOCHS': '7'}
+    out = subprocess.run(['bash', 'scripts/long_run.sh'], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    made = [line.split() for line in calls.read_text().splitlines()]
+    assert [call[call.index('--name') + 1] for call in made] == ['teacher-lite1-160', 'teacher-lite2-160',
+                                                                 'long-ensemble-seed2']
+    resumed, lite2, student = made
+    assert resumed[-1] == '--resume' and '--arch' not in resumed
+    assert lite2[lite2.index('--arch') + 1] == 'tf_efficientnet_lite2'
+    for call in made:
+        assert call[call.index('--data') + 1:call.index('--data') + 3] == ['a', 'b']
+    assert student[student.index('--teacher') + 1:student.index('--teacher') + 4] == \
+        [str(runs / f'teacher-lite{n}-160') for n in range(3)]
+    assert student[student.index('--epochs') + 1] == '7' and student[student.index('--seed') + 1] == '2'
+    assert student[student.index('--resize-to') + 1] == '224' and '--no-pretrained' in student

