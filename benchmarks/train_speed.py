@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument('--batches', type=int, default=6, help='training batches timed per loop')
     parser.add_argument('--rounds', type=int, default=2, help='alternating rounds of today / fast per size')
     parser.add_argument('--cache-size', type=int, default=160)
+    parser.add_argument('--compile', action='store_true', help="also time the student's step under torch.compile")
     parser.add_argument('--limit', type=int, default=600, help='photos read (the loop needs --batches x --bs)')
     parser.add_argument('--data', type=Path, nargs='+', default=[ROOT.parent / 'shared' / 'data' / 'flowers'])
     args = parser.parse_args(argv)
@@ -145,6 +146,14 @@ def main(argv=None) -> int:
         student.to(memory_format=torch.channels_last)
         parts['student step, channels_last'] = seconds(lambda: step(x.contiguous(memory_format=torch.channels_last)))
         student.to(memory_format=torch.contiguous_format)
+        if args.compile:   # Inductor: the compile time is paid once per process (and again per new input size)
+            compiled = torch.compile(student)
+            started = time.perf_counter()
+            opt.zero_grad()
+            F.cross_entropy(compiled(x), y).backward()
+            print(f'torch.compile of the student step at {size} px: {time.perf_counter() - started:.0f} s')
+            parts['student step, torch.compile'] = seconds(lambda: (opt.zero_grad(), F.cross_entropy(
+                compiled(x), y).backward(), opt.step()))
         teacher_cl = timm.create_model(args.teacher, num_classes=5).eval().to(memory_format=torch.channels_last)
         with torch.no_grad():
             parts['teacher forward, NCHW'] = seconds(lambda: teacher(xt))
