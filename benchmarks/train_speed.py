@@ -67,25 +67,12 @@ def make_learner(args, size: int, fast: bool):
                                split='stratified', limit_items=args.limit)
     from flowers_fastai.callbacks import MixUpCutMix, WeightEMA
     from flowers_fastai.distill import Distillation, Teacher
-    teacher = build_timm_classifier(args.teacher).eval()
-    if fast:
-        teacher = teacher.to(memory_format=torch.channels_last)
-    learn.add_cbs([WeightEMA(recipe.ema_decay), MixUpCutMix(p_mixup=recipe.mixup, p_cutmix=recipe.cutmix),
-                   Distillation(Teacher(ChannelsLast(teacher) if fast else teacher, (0.5,) * 3, (0.5,) * 3,
-                                        args.teacher_size), (IMAGENET_MEAN, IMAGENET_STD))])
+    distill = Distillation(Teacher(build_timm_classifier(args.teacher), (0.5,) * 3, (0.5,) * 3, args.teacher_size),
+                           (IMAGENET_MEAN, IMAGENET_STD))
+    distill.channels_last = fast   # today: the teacher in NCHW, as before the lever
+    learn.add_cbs([WeightEMA(recipe.ema_decay), MixUpCutMix(p_mixup=recipe.mixup, p_cutmix=recipe.cutmix), distill])
     learn.unfreeze()
     return learn
-
-
-class ChannelsLast(torch.nn.Module):
-    """A network whose input is made channels_last first (its weights already are)."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x.contiguous(memory_format=torch.channels_last))
 
 
 def loop_seconds_per_image(learn, batches: int) -> float:

@@ -372,9 +372,13 @@ def test_two_teachers_each_see_the_batch_at_their_own_size_and_teach_their_avera
         original(self)
         for h in hooks:
             h.remove()
-        with torch.no_grad():
-            expected = ensemble_log_probs([t.model(x) for t, x in zip(self.teachers, inputs)], self.temperature)
-        torch.testing.assert_close(self.target, expected)
+        with torch.no_grad():   # the teachers run channels_last on CPU: the same numbers as from NCHW tensors
+            expected = ensemble_log_probs([t.model(x.contiguous()) for t, x in zip(self.teachers, inputs)],
+                                          self.temperature)
+        torch.testing.assert_close(self.target, expected, atol=1e-5, rtol=1e-5)
+        assert all(x.is_contiguous(memory_format=torch.channels_last) for x in inputs)
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for t in self.teachers
+                   for p in t.model.parameters() if p.dim() == 4)
         seen.append([x.shape[-1] for x in inputs])
     monkeypatch.setattr(Distillation, 'before_batch', spy)
     recipe = TINY_CNN.override(teacher=(str(teacher_run), str(second)), teacher_size=-1, size=40)
