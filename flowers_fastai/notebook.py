@@ -25,11 +25,13 @@ OPTIONS = {'pretrained': True, 'run_dir': None, 'limit': None, 'split': 'grouped
 RECIPE_FIELDS = tuple(f.name for f in fields(Recipe) if f.name != 'family')   # the family is `learner`'s argument
 
 
-def learner(family: str, data: str | Path, **overrides) -> Learner:
+def learner(family: str, data: str | Path | list, **overrides) -> Learner:
     """The fastai Learner (with its DataLoaders) that `train.py <family> --data <data>` would train: the same
     seeded split, DataBlock, model, loss, optimizer, splitter (for the layer-wise LRs) and callbacks, frozen as
     the recipe's first phase trains it (the head only, when pretrained), as `vision_learner` gives it.
 
+    `data`: a folder of class folders, or a list of several (each split on its own, accuracy also reported per
+    folder, as `train.py --data A B`).
     `overrides`: recipe fields (`arch`, `size`, `bs`, `epochs`, ... see flowers_fastai/recipes.py) and
     `pretrained` (True: the published weights, downloaded; a path: a local copy of them; False: from scratch),
     `run_dir` (where `fit_recipe` writes the run, as train.py's runs/<name>; default: a new temporary folder),

@@ -41,6 +41,7 @@ import os
 import pickle
 import stat
 import struct
+import sys
 import zipfile
 from pathlib import Path
 
@@ -59,14 +60,24 @@ from .preprocess import Preprocessing, load_for_model
 __all__ = ['CLASSES', 'load_cnn_model', 'load_vit_model', 'load_ensemble', 'predict', 'predict_proba',
            'quantize_int8']
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / 'weights'
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / 'weights'   # a checkout's weights/
+# where `pip install .` puts the shipped weights (pyproject.toml's data-files), under the environment's prefix
+INSTALLED_WEIGHTS_DIR = Path(sys.prefix) / 'share' / 'flowers_fastai' / 'weights'
+WEIGHTS_ENV = 'FLOWERS_WEIGHTS'   # a folder of weights files, searched before the shipped ones
+
+
+def weights_search_path() -> list[Path]:
+    """Where a relative weights path is looked for, in order: the current directory, $FLOWERS_WEIGHTS, the
+    checkout's weights/ (running from the repo), the installed package's shipped weights."""
+    env = os.environ.get(WEIGHTS_ENV)
+    return [Path.cwd(), *([Path(env)] if env else []), WEIGHTS_DIR, INSTALLED_WEIGHTS_DIR]
 
 
 def find_weights(weights_path: str | os.PathLike, family: str | None = None) -> Path:
-    """An absolute path as is; a relative one in the current directory first, then in the repo's weights/.
+    """An absolute path as is; a relative one in each folder of `weights_search_path()`, in order.
     `FileNotFoundError` lists where it looked (and, for a known `family`, the command that makes the file)."""
     path = Path(weights_path)
-    candidates = [path] if path.is_absolute() else [Path.cwd() / path, WEIGHTS_DIR / path]
+    candidates = [path] if path.is_absolute() else list(dict.fromkeys(d / path for d in weights_search_path()))
     for candidate in candidates:
         if candidate.is_file():
             return candidate

@@ -54,6 +54,18 @@ def test_learner_is_the_learner_train_py_trains(colour_folder, tmp_path):
     assert learn.path == tmp_path / 'nb'
 
 
+def test_learner_reads_several_folders_and_reports_each(colour_folder, tmp_path):
+    import shutil
+    from flowers_fastai.notebook import learner
+    second = tmp_path / 'second'
+    shutil.copytree(colour_folder, second)
+    learn = learner('cnn', [colour_folder, second], pretrained=False, run_dir=tmp_path / 'nb', split='stratified',
+                    **TINY)
+    assert [m.name for m in learn.metrics] == ['accuracy', f'accuracy_{colour_folder.name}', 'accuracy_second']
+    assert set(learn.dls.valid_ds.items.source) == {0, 1}
+    assert learn.run_config['data'] == [str(colour_folder.resolve()), str(second.resolve())]
+
+
 def test_learner_overrides_land_in_the_model_and_the_dataloaders(colour_folder, tmp_path):
     from flowers_fastai.notebook import learner, phases
     learn = learner('cnn', colour_folder, arch='convnextv2_atto', size=48, bs=4, lr=3e-3, epochs=4,
