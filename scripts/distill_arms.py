@@ -43,7 +43,7 @@ def train(args, arm: str, seed: int) -> None:
     folder = run_dir(args.runs, arm, seed)
     if (folder / 'metrics.json').exists():
         return
-    cmd = [sys.executable, str(ROOT / 'train.py'), 'cnn', '--data', str(args.data), '--runs', str(args.runs),
+    cmd = [sys.executable, str(ROOT / 'train.py'), 'cnn', '--data', *map(str, args.data), '--runs', str(args.runs),
            '--name', folder.name]
     if (folder / 'config.json').exists():
         cmd.append('--resume')   # the recipe, data and split come from its config.json
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--teacher', type=Path, required=True, help='teacher run folder (train.py teacher)')
     parser.add_argument('--teacher-size', type=int, default=128, help='teacher input size (default: %(default)s)')
-    parser.add_argument('--data', type=Path, default=ROOT.parent / 'shared' / 'data' / 'flowers')
+    parser.add_argument('--data', type=Path, nargs='+', default=[ROOT.parent / 'shared' / 'data' / 'flowers'])
     parser.add_argument('--runs', type=Path, default=ROOT / 'runs' / 'arms')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--split-seed', type=int, default=0, help="the teacher's split seed (default: %(default)s)")
@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     parser.add_argument('--arms', nargs='+', choices=list(ARMS), default=list(ARMS))
     parser.add_argument('--summary-only', action='store_true')
     args = parser.parse_args(argv)
-    args.runs, args.teacher, args.data = args.runs.resolve(), args.teacher.resolve(), args.data.resolve()
+    args.runs, args.teacher = args.runs.resolve(), args.teacher.resolve()
+    args.data = [d.resolve() for d in args.data]
     if not args.summary_only:
         for seed in args.seeds:
             for arm in args.arms:

@@ -184,3 +184,14 @@ def test_long_run_trains_the_teachers_then_the_student_they_teach_skipping_and_r
         [str(runs / f'teacher-lite{n}-160') for n in range(3)]
     assert student[student.index('--epochs') + 1] == '7' and student[student.index('--seed') + 1] == '2'
     assert student[student.index('--resize-to') + 1] == '224' and '--no-pretrained' in student
+
+
+def test_distill_arms_pass_every_data_folder_to_train_py(tmp_path, monkeypatch):
+    arms = load_script('distill_arms')
+    calls = []
+    monkeypatch.setattr(arms.subprocess, 'run', lambda cmd, **kwargs: calls.append(cmd))
+    args = argparse.Namespace(runs=tmp_path, data=[Path('/d/flowers'), Path('/d/flickr')], teacher=Path('/t'),
+                              teacher_size=128, epochs=4, split_seed=0)
+    arms.train(args, 'logits', 0)
+    cmd = calls[0]
+    assert cmd[cmd.index('--data') + 1:cmd.index('--runs')] == ['/d/flowers', '/d/flickr']
