@@ -28,20 +28,16 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / 'benchmarks')]
+
+from distill_cost import median_seconds  # noqa: E402
 
 from flowers_fastai.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from flowers_fastai.recipes import CNN  # noqa: E402
 
 
 def seconds(fn, repeats: int = 3) -> float:
-    fn()   # warm-up: oneDNN primitives, allocator
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return median_seconds(fn, repeats)
 
 
 def matmul_peak(n: int = 2048) -> float:

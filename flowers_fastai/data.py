@@ -2,6 +2,7 @@
 training augmentation, and the fastai DataBlock."""
 from __future__ import annotations
 
+import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -172,7 +173,8 @@ def split_photos(data, split: str = 'grouped', valid_pct: float = 0.2, seed: int
     that many photos, shared among the folders by size (smoke tests)."""
     if split not in ('grouped', 'stratified'):
         raise ValueError(f'split must be "grouped" or "stratified", not {split!r}')
-    folders = [folder.resolve() for folder in data_folders(data)]   # valid_items.csv: readable from anywhere
+    # absolute (valid_items.csv is read from anywhere), links kept: the photos keep the paths the user gave
+    folders = [Path(os.path.abspath(folder)) for folder in data_folders(data)]
     scanned = [scan_image_folder(root).items for root in folders]
     if limit_items is not None:
         total = sum(map(len, scanned))
@@ -197,8 +199,8 @@ def split_photos(data, split: str = 'grouped', valid_pct: float = 0.2, seed: int
         _check_class_sizes(items, kept, folders, limit_items)
         for k, folder_audit in enumerate(folder_audits):
             rows = np.flatnonzero(kept[offsets[k]:offsets[k + 1]])
-            train, valid = grouped_stratified_split([scanned[k][i][1] for i in rows], folder_audit.group[rows],
-                                                    valid_pct, seed)
+            _, valid = grouped_stratified_split([scanned[k][i][1] for i in rows], folder_audit.group[rows],
+                                                valid_pct, seed)
             is_valid[offsets[k] + rows[valid]] = True
             if k:
                 _follow_copies_in_earlier_folders(audit, folder_audit.group, offsets[k], source, kept, is_valid)

@@ -22,17 +22,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / 'scripts')]
 DATA = ROOT.parent / 'shared' / 'data'
+
+from distill_arms import run_dir, write_table  # noqa: E402
 
 SCHEDULE = ['--arch', 'convnextv2_atto', '--no-pretrained', '--size', '112', '--ema-decay', '0.99',
             '--split', 'stratified', '--cache-size', '160']
 ARMS = {'one-folder': dict(folders=1, teachers=0), 'two-folders': dict(folders=2, teachers=0),
         'lite0': dict(folders=2, teachers=1), 'ensemble': dict(folders=2, teachers=None)}   # None: all
-
-
-def run_dir(runs: Path, arm: str, seed: int) -> Path:
-    return runs / f'{arm}-seed{seed}'
 
 
 def equal_step_epochs(epochs: int, photos_both: int, photos_first: int) -> int:
@@ -113,11 +111,7 @@ def main(argv=None) -> int:
                     cmd = command(args, arm, seed, photos)
                     print('$', ' '.join(cmd), flush=True)
                     subprocess.run(cmd, check=True, cwd=ROOT)
-    table = summary(args)
-    args.runs.mkdir(parents=True, exist_ok=True)
-    (args.runs / 'arms.md').write_text(table + '\n')
-    print(table)
-    return 0
+    return write_table(args.runs, summary(args))
 
 
 if __name__ == '__main__':

@@ -108,9 +108,13 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             for arm in args.arms:
                 train(args, arm, seed)
-    table = summary(args)
-    args.runs.mkdir(parents=True, exist_ok=True)
-    (args.runs / 'arms.md').write_text(table + '\n')
+    return write_table(args.runs, summary(args))
+
+
+def write_table(runs: Path, table: str) -> int:
+    """<runs>/arms.md, and the same table on stdout."""
+    runs.mkdir(parents=True, exist_ok=True)
+    (runs / 'arms.md').write_text(table + '\n')
     print(table)
     return 0
 

@@ -20,22 +20,16 @@ STUDENT="--init-from $INIT --arch convnextv2_atto --size 128 --epochs 10 --lr 5e
          --final-lr-div 2 --ema-decay 0.99 --split stratified --split-seed 0"
 TEACHER_RUN="--arch tf_efficientnet_lite0 --size 160 --freeze-epochs 1 --epochs 3 --split stratified --split-seed 0"
 
-train() {  # family name options...: skip a finished run, resume an interrupted one
-    local family=$1 name=$2; shift 2
-    if [[ -f $RUNS/$name/metrics.json ]]; then echo "done: $name"; return; fi
-    local how=("$@")
-    if [[ -f $RUNS/$name/config.json ]]; then how=(--resume); fi
-    echo "\$ train.py $family --name $name ${how[*]}"
-    $PYTHON train.py "$family" --data "$DATA" --runs "$RUNS" --name "$name" "${how[@]}"
-}
+# shellcheck source=scripts/train_or_resume.sh
+source "$(dirname "$0")/train_or_resume.sh"
 
 for seed in $SEEDS; do
     # shellcheck disable=SC2086  # the option strings split into words on purpose
-    train cnn "kd-long-teacher-seed$seed" $STUDENT --seed "$seed" --teacher "$TEACHER" --teacher-size 160
+    train cnn "kd-long-teacher-seed$seed" --data "$DATA" $STUDENT --seed "$seed" --teacher "$TEACHER" --teacher-size 160
     # shellcheck disable=SC2086
-    train cnn "kd-long-noteacher-seed$seed" $STUDENT --seed "$seed"
+    train cnn "kd-long-noteacher-seed$seed" --data "$DATA" $STUDENT --seed "$seed"
 done
 for seed in $SEEDS; do
     # shellcheck disable=SC2086
-    train teacher "kd-teacher-lite0-160-seed$seed" $TEACHER_RUN --seed "$seed"
+    train teacher "kd-teacher-lite0-160-seed$seed" --data "$DATA" $TEACHER_RUN --seed "$seed"
 done

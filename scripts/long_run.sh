@@ -22,22 +22,17 @@ TEACHER_SIZE=${TEACHER_SIZE:-128}
 RESIZE_EPOCHS=${RESIZE_EPOCHS:-4}
 TEACHERS=${TEACHERS:-0 1 2}
 
-train() {  # family name options...: skip a finished run, resume an interrupted one
-    local family=$1 name=$2; shift 2
-    if [[ -f $RUNS/$name/metrics.json ]]; then echo "done: $name"; return; fi
-    local how=("$@")
-    if [[ -f $RUNS/$name/config.json ]]; then how=(--resume); fi
-    echo "\$ train.py $family --name $name ${how[*]}"
-    # shellcheck disable=SC2086  # DATA splits into folders on purpose
-    $PYTHON train.py "$family" --runs "$RUNS" --name "$name" --data $DATA "${how[@]}"
-}
+# shellcheck source=scripts/train_or_resume.sh
+source "$(dirname "$0")/train_or_resume.sh"
 
 teacher_runs=()
 for n in $TEACHERS; do
-    train teacher "teacher-lite$n-160" --arch "tf_efficientnet_lite$n" --size 160 --freeze-epochs 1 --epochs 3 \
+    # shellcheck disable=SC2086  # DATA splits into folders on purpose
+    train teacher "teacher-lite$n-160" --data $DATA --arch "tf_efficientnet_lite$n" --size 160 --freeze-epochs 1 --epochs 3 \
         --split stratified --seed 0 --cache-size 192
     teacher_runs+=("$RUNS/teacher-lite$n-160")
 done
-train cnn "long-ensemble-seed$SEED" --arch convnextv2_atto --no-pretrained --size "$SIZE" --epochs "$EPOCHS" \
+# shellcheck disable=SC2086
+train cnn "long-ensemble-seed$SEED" --data $DATA --arch convnextv2_atto --no-pretrained --size "$SIZE" --epochs "$EPOCHS" \
     --resize-to 224 --resize-epochs "$RESIZE_EPOCHS" --final-lr-div 2 --ema-decay 0.99 --cache-size 256 \
     --split stratified --split-seed 0 --seed "$SEED" --teacher "${teacher_runs[@]}" --teacher-size "$TEACHER_SIZE"

@@ -21,6 +21,15 @@ def load_script(name: str):
     return module
 
 
+def stand_in_python(tmp_path: Path) -> tuple[Path, Path]:
+    """A stand-in for Python that records each call's arguments, one line per call: (its path, the record)."""
+    calls = tmp_path / 'calls.txt'
+    stand_in = tmp_path / 'python'
+    stand_in.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    stand_in.chmod(0o755)
+    return stand_in, calls
+
+
 def fake_run(folder: Path, accuracies: list[float]) -> None:
     """A finished run folder as train.py leaves it: history.csv per epoch, metrics.json with the best epoch."""
     folder.mkdir(parents=True)
@@ -60,10 +69,7 @@ def test_paired_compare_counts_the_photos_only_one_file_gets_right():
 
 def test_kd_long_seeds_trains_each_pair_on_the_teachers_split_skips_finished_runs_and_resumes(tmp_path):
     """The script's orchestration, with a stand-in for Python that records each train.py call."""
-    calls = tmp_path / 'calls.txt'
-    stand_in = tmp_path / 'python'
-    stand_in.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    stand_in.chmod(0o755)
+    stand_in, calls = stand_in_python(tmp_path)
     runs = tmp_path / 'runs'
     fake_run(runs / 'kd-long-teacher-seed1', [0.7])                        # finished: skipped
     (runs / 'kd-long-noteacher-seed1').mkdir(parents=True)
@@ -161,10 +167,7 @@ def test_data_arms_compare_at_equal_steps_on_the_teachers_split_and_report_each_
 
 def test_long_run_trains_the_teachers_then_the_student_they_teach_skipping_and_resuming(tmp_path):
     """scripts/long_run.sh's orchestration, with a stand-in for Python that records each train.py call."""
-    calls = tmp_path / 'calls.txt'
-    stand_in = tmp_path / 'python'
-    stand_in.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    stand_in.chmod(0o755)
+    stand_in, calls = stand_in_python(tmp_path)
     runs = tmp_path / 'runs'
     fake_run(runs / 'teacher-lite0-160', [0.93])                       # finished: skipped
     (runs / 'teacher-lite1-160').mkdir(parents=True)
@@ -178,7 +181,7 @@ def test_long_run_trains_the_teachers_then_the_student_they_teach_skipping_and_r
     resumed, lite2, student = made
     assert resumed[-1] == '--resume' and '--arch' not in resumed
     assert lite2[lite2.index('--arch') + 1] == 'tf_efficientnet_lite2'
-    for call in made:
+    for call in (lite2, student):
         assert call[call.index('--data') + 1:call.index('--data') + 3] == ['a', 'b']
     assert student[student.index('--teacher') + 1:student.index('--teacher') + 4] == \
         [str(runs / f'teacher-lite{n}-160') for n in range(3)]
