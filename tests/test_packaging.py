@@ -23,14 +23,15 @@ def test_a_wheel_installed_offline_imports_loads_the_shipped_cnn_and_classifies(
     assert not any(name.startswith(('tests/', 'scripts/')) for name in names)
 
     venv = tmp_path / 'venv'
-    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True, timeout=120)
-    install = subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-index', '-q', '--prefix',
-                              str(venv), str(wheel)], capture_output=True, text=True, timeout=300)
+    subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True, timeout=300)
+    python = venv / 'bin' / 'python'
+    # the new environment's own pip: this one's would first uninstall the flowers_fastai it runs the tests with
+    install = subprocess.run([str(python), '-m', 'pip', 'install', '--no-deps', '--no-index', '-q', str(wheel)],
+                             capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr[-2000:]
     # its dependencies (torch, timm ...) from this environment, after its own site-packages: no download
     own_site = next((venv / 'lib').glob('python3*/site-packages'))
     (own_site / 'deps.pth').write_text('\n'.join(site.getsitepackages()) + '\n')
-    python = venv / 'bin' / 'python'
     elsewhere = tmp_path / 'elsewhere'   # no weights/ here: the installed copy must be found
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'FLOWERS_WEIGHTS')}
