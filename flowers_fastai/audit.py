@@ -83,7 +83,8 @@ class Audit:
 
     def report(self) -> str:
         groups, conflicts = self.groups(), self.conflicts()
-        lines = [f'{len(self.items)} photos; {len(groups)} groups of copies (pHash distance <= {MAX_DISTANCE}, one Flickr id, or listed beside the folder) '
+        lines = [f'{len(self.items)} photos; {len(groups)} groups of copies (pHash distance <= {MAX_DISTANCE}, '
+                 'one Flickr id, or listed beside the folder) '
                  f'holding {sum(map(len, groups))} photos; {len(conflicts)} groups filed under two classes, '
                  f'left out of training and validation ({sum(map(len, conflicts))} photos):']
         for g in conflicts:

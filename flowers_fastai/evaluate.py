@@ -435,7 +435,8 @@ def _main(argv) -> int:
     described = ', '.join(f'{Path(w["path"]).name} ({w["family"]}, {w["image_size"]} px, T={w["temperature"]:g})'
                           for w in metrics['weights'])
     print(f'weights: {"ensemble of " if metrics["ensemble"] else ""}{described}')
-    print(f'data:    {" ".join(map(str, args.data))}: {plain["n_photos"]} photos evaluated, {plain["n_failed"]} failed to decode, '
+    print(f'data:    {" ".join(map(str, args.data))}: {plain["n_photos"]} photos evaluated, '
+          f'{plain["n_failed"]} failed to decode, '
           f'{len(folder.non_images)} non-image file(s) skipped'
           + (f'; no photos of {", ".join(folder.missing_classes)}' if folder.missing_classes else ''))
     for variant, by_folder in metrics.get('accuracy_by_folder', {}).items():

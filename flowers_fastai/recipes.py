@@ -209,7 +209,8 @@ def check_recipe(recipe: Recipe, source: str = 'option') -> None:
         ok = {'int': lambda v: isinstance(v, int) and not isinstance(v, bool),
               'float': lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
               'str': lambda v: isinstance(v, str),
-              'tuple[str, ...]': lambda v: isinstance(v, tuple) and all(isinstance(x, str) and x for x in v)}[typ](value)
+              'tuple[str, ...]': lambda v: isinstance(v, tuple) and all(isinstance(x, str) and x for x in v),
+              }[typ](value)
         if not ok:
             kind = {'int': 'a whole number', 'float': 'a finite number', 'str': 'a string',
                     'tuple[str, ...]': 'paths'}[typ]

@@ -183,7 +183,8 @@ def teacher_input_size(recipe: Recipe, teacher_preprocessing: dict) -> int | Non
 def make_learner(recipe: Recipe, dls, model, run_dir: Path, extra_metrics=()) -> Learner:
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(label_smoothing=recipe.label_smoothing),
                     opt_func=Adam,  # fastai's Adam with decoupled weight decay: AdamW
-                    wd=recipe.wd, metrics=[accuracy, *extra_metrics], splitter=with_distill_head(get_family(recipe.family).splitter),
+                    wd=recipe.wd, metrics=[accuracy, *extra_metrics],
+                    splitter=with_distill_head(get_family(recipe.family).splitter),
                     path=run_dir, model_dir='models', cbs=[GradientClip(1.0)],
                     train_bn=False)  # frozen means frozen: no norm layer trains in a linear probe
     if default_device().type == 'cuda':
