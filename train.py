@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 
 from flowers_fastai.recipes import RECIPES, Recipe, check_recipe
 
+RECIPE_FIELDS = {f.name for f in fields(Recipe)}   # the options that override the recipe (the others steer the run)
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / 'shared' / 'data' / 'flowers'
 
 
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
             args.init_from = str(Path(args.init_from).resolve())
         if args.teacher:
             args.teacher = tuple(str(Path(t).resolve()) for t in args.teacher)
-        recipe = RECIPES[args.family].override(**vars(args))
+        recipe = RECIPES[args.family].override(**{k: v for k, v in vars(args).items() if k in RECIPE_FIELDS})
         try:
             check_recipe(recipe, source='--')
         except ValueError as err:

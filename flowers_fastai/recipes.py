@@ -80,13 +80,15 @@ class Recipe:
         return self.bs * self.accumulate / self.lr_base_bs if self.lr_base_bs else 1.0
 
     def override(self, **changes) -> 'Recipe':
-        known = {f.name for f in fields(self)}
-        return replace(self, **{k: v for k, v in _current_names(changes).items() if k in known and v is not None})
+        """This recipe with `changes` (None: keep the field's value). An unknown field is a `TypeError` listing the
+        valid ones: a misspelt option must not be ignored."""
+        changes = _checked_names(_current_names(changes))
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     @classmethod
     def from_dict(cls, saved: dict) -> 'Recipe':
         """The recipe a run folder's config.json recorded, also from before a field was renamed."""
-        return cls(**_current_names(saved))
+        return cls(**_checked_names(_current_names(saved)))
 
 
 RENAMED = {'phase_a_blocks': 'frozen_phase_blocks'}   # old field name -> new (config.json of older runs)
@@ -94,6 +96,14 @@ RENAMED = {'phase_a_blocks': 'frozen_phase_blocks'}   # old field name -> new (c
 
 def _current_names(fields_by_name: dict) -> dict:
     return {RENAMED.get(k, k): v for k, v in fields_by_name.items()}
+
+
+def _checked_names(fields_by_name: dict) -> dict:
+    valid = [f.name for f in fields(Recipe)]
+    unknown = sorted(set(fields_by_name) - set(valid))
+    if unknown:
+        raise TypeError(f'Recipe has no field {", ".join(map(repr, unknown))}; valid fields: {", ".join(valid)}')
+    return fields_by_name
 
 
 @dataclass(frozen=True)

@@ -377,3 +377,14 @@ def test_the_frozen_phase_blocks_field_reads_its_old_name_too():
     assert CNN.override(phase_a_blocks=2).frozen_phase_blocks == 2
     assert train_cli.parse_args(['cnn', '--phase-a-blocks', '1']).frozen_phase_blocks == 1
     assert train_cli.parse_args(['cnn', '--frozen-phase-blocks', '1']).frozen_phase_blocks == 1
+
+
+def test_a_recipe_refuses_a_field_it_does_not_have_and_lists_the_valid_ones():
+    from dataclasses import asdict
+    from flowers_fastai.recipes import Recipe
+    with pytest.raises(TypeError, match=r"no field 'lrr'; valid fields: family, arch, .*\blr\b"):
+        CNN.override(lrr=5.0)
+    with pytest.raises(TypeError, match="no field 'colour'"):
+        Recipe.from_dict({**asdict(CNN), 'colour': 'red'})
+    assert CNN.override(phase_a_blocks=1).frozen_phase_blocks == 1   # a renamed field is still read
+    assert CNN.override(lr=None) == CNN                              # None: an option left unset
