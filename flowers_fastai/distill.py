@@ -134,16 +134,16 @@ class Distillation(Callback):
             if self._channels_last(device):   # docs/speed.md, "Training step"
                 teacher.model.to(memory_format=torch.channels_last)
         self.student_stats = [s.to(device) for s in self.student_stats]
+        self.teacher_stats = [[torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+                               for v in (t.mean, t.std)] for t in self.teachers]   # once, not per batch
         self.hooks = None
         if self.feature_weight:
             if not hasattr(self.learn.model, DISTILL_HEAD):
                 raise ValueError('feature distillation needs the student built with attach_distill_head')
             self.hooks = (_PooledFeatures(self.learn.model), _PooledFeatures(self.teacher))
 
-    def _teacher_view(self, x: torch.Tensor, teacher: Teacher) -> torch.Tensor:
-        s_mean, s_std = self.student_stats
-        t_mean, t_std = (torch.tensor(v, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-                         for v in (teacher.mean, teacher.std))
+    def _teacher_view(self, x: torch.Tensor, teacher: Teacher, stats) -> torch.Tensor:
+        (s_mean, s_std), (t_mean, t_std) = self.student_stats, stats
         x = (x.float() * s_std + s_mean - t_mean) / t_std
         if teacher.size and teacher.size != x.shape[-1]:
             x = F.interpolate(x, size=(teacher.size, teacher.size), mode='bilinear', antialias=True,
@@ -156,8 +156,8 @@ class Distillation(Callback):
     def before_batch(self):
         logits = []
         with torch.no_grad():
-            for teacher in self.teachers:
-                self.teacher_input = self._teacher_view(self.xb[0], teacher)
+            for teacher, stats in zip(self.teachers, self.teacher_stats):
+                self.teacher_input = self._teacher_view(self.xb[0], teacher, stats)
                 logits.append(teacher.model(self.teacher_input))
             self.target = ensemble_log_probs(logits, self.temperature)
 

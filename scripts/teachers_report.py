@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flowers_fastai.data_files import folder_names  # noqa: E402
+from flowers_fastai.data import data_folders, folder_names  # noqa: E402
 from flowers_fastai.exporting import run_config, validation_items  # noqa: E402
 from flowers_fastai.labels import CLASSES  # noqa: E402
 from flowers_fastai.preprocess import Preprocessing, load_for_model  # noqa: E402
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         if validation_items(run) != valid:
             sys.exit(f'error: {run} was validated on other photos than {args.teachers[0]}: train the teachers on '
                      'one split (--split, --split-seed, --data) to compare or ensemble them')
-    folders = [Path(f) for f in (lambda d: [d] if isinstance(d, str) else d)(run_config(args.teachers[0])['data'])]
+    folders = data_folders(run_config(args.teachers[0])['data'])
     names = folder_names(folders)
     source = np.array([next(k for k, f in enumerate(folders) if Path(p).resolve().is_relative_to(f)) for p, _ in valid])
     targets = torch.tensor([CLASSES.index(label) for _, label in valid])

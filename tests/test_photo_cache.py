@@ -40,9 +40,8 @@ def test_each_photo_of_a_batch_gets_its_own_crop_and_augmentation():
     assert torch.equal(BatchCropAugment(32)(batch, split_idx=1), batch)   # validation batches pass as they are
     whole = BatchCropAugment(64, min_scale=1.0)
     whole_out = whole(TensorImage(batch[:1]), split_idx=0)   # the whole photo at its own size: roi_align is exact
-    if whole_out.shape[-1] == 64 and torch.equal(whole_out[0], batch[0]):
-        return
-    pytest.fail('a crop of the whole photo at its own size should give the photo back')
+    assert whole_out.shape[-1] == 64 and torch.equal(whole_out[0], batch[0]), \
+        'a crop of the whole photo at its own size should give the photo back'
 
 
 @pytest.fixture(scope='module')
