@@ -21,6 +21,8 @@ SIZE=${SIZE:-112}
 TEACHER_SIZE=${TEACHER_SIZE:-128}
 RESIZE_EPOCHS=${RESIZE_EPOCHS:-4}
 TEACHERS=${TEACHERS:-0 1 2}
+# The student's run is named after its teachers: TEACHERS=0 gives long-lite0-seed0, the default long-lite012-seed0.
+STUDENT=${STUDENT:-long-lite${TEACHERS// /}-seed$SEED}
 
 # shellcheck source=scripts/train_or_resume.sh
 source "$(dirname "$0")/train_or_resume.sh"
@@ -33,6 +35,6 @@ for n in $TEACHERS; do
     teacher_runs+=("$RUNS/teacher-lite$n-160")
 done
 # shellcheck disable=SC2086
-train cnn "long-ensemble-seed$SEED" --data $DATA --arch convnextv2_atto --no-pretrained --size "$SIZE" --epochs "$EPOCHS" \
+train cnn "$STUDENT" --data $DATA --arch convnextv2_atto --no-pretrained --size "$SIZE" --epochs "$EPOCHS" \
     --resize-to 224 --resize-epochs "$RESIZE_EPOCHS" --final-lr-div 2 --ema-decay 0.99 --cache-size 256 \
     --split stratified --split-seed 0 --seed "$SEED" --teacher "${teacher_runs[@]}" --teacher-size "$TEACHER_SIZE"

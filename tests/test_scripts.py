@@ -177,7 +177,7 @@ def test_long_run_trains_the_teachers_then_the_student_they_teach_skipping_and_r
     assert out.returncode == 0, out.stderr
     made = [line.split() for line in calls.read_text().splitlines()]
     assert [call[call.index('--name') + 1] for call in made] == ['teacher-lite1-160', 'teacher-lite2-160',
-                                                                 'long-ensemble-seed2']
+                                                                 'long-lite012-seed2']
     resumed, lite2, student = made
     assert resumed[-1] == '--resume' and '--arch' not in resumed
     assert lite2[lite2.index('--arch') + 1] == 'tf_efficientnet_lite2'
@@ -187,6 +187,18 @@ def test_long_run_trains_the_teachers_then_the_student_they_teach_skipping_and_r
         [str(runs / f'teacher-lite{n}-160') for n in range(3)]
     assert student[student.index('--epochs') + 1] == '7' and student[student.index('--seed') + 1] == '2'
     assert student[student.index('--resize-to') + 1] == '224' and '--no-pretrained' in student
+
+
+def test_long_run_with_one_teacher_names_the_student_after_it(tmp_path):
+    stand_in, calls = stand_in_python(tmp_path)
+    runs = tmp_path / 'runs'
+    fake_run(runs / 'teacher-lite0-160', [0.93])
+    env = {**os.environ, 'RUNS': str(runs), 'DATA': 'a b', 'PYTHON': str(stand_in), 'TEACHERS': '0'}
+    out = subprocess.run(['bash', 'scripts/long_run.sh'], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    (student,) = [line.split() for line in calls.read_text().splitlines()]
+    assert student[student.index('--name') + 1] == 'long-lite0-seed0'
+    assert student[student.index('--teacher') + 1:student.index('--teacher-size')] == [str(runs / 'teacher-lite0-160')]
 
 
 def test_distill_arms_pass_every_data_folder_to_train_py(tmp_path, monkeypatch):
