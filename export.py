@@ -11,11 +11,13 @@ reliability diagram: <run>/reliability.png).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from flowers_fastai.exporting import FAMILIES, RunFolderError, export_run, finished_runs, run_config
+from flowers_fastai.delivery import DELIVERIES
+from flowers_fastai.exporting import export_run, finished_runs
+from flowers_fastai.run_folder import RunFolderError, read_run_config
+from flowers_fastai.sidecar import Sidecar
 
 ROOT = Path(__file__).resolve().parent
 
@@ -23,9 +25,9 @@ ROOT = Path(__file__).resolve().parent
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--run', type=Path, help='run folder to export (default: the latest finished run per family)')
-    parser.add_argument('--family', choices=FAMILIES, help='export only this family (default: every family with a run)')
+    parser.add_argument('--family', choices=list(DELIVERIES), help='export only this family (default: every family with a run)')
     parser.add_argument('--runs', type=Path, default=Path('runs'), help='where to look for runs (default: %(default)s)')
-    parser.add_argument('--out', type=Path, help='output file (default: weights/<family>_flowers.pth); needs one run')
+    parser.add_argument('--out', type=Path, help='output file (default: weights/ and the family\'s file name, e.g. cnn_flowers.pth); needs one run')
     parser.add_argument('--half', action='store_true', help='store fp16 tensors (submit upcasts them to fp32)')
     parser.add_argument('--no-calibrate', action='store_true',
                         help='skip temperature scaling on the validation photos (temperature stays 1.0)')
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
     if args.run:
         jobs = [[args.run]]
     else:
-        families = [args.family] if args.family else FAMILIES
+        families = [args.family] if args.family else list(DELIVERIES)
         jobs = [runs for f in families if (runs := finished_runs(args.runs, f, warn=warn))]   # newest first
         if not jobs:
             sys.exit(f'error: no finished run under {args.runs}; train one with: python train.py cnn')
@@ -51,8 +53,11 @@ def main(argv=None) -> int:
     for candidates in jobs:
         for run in candidates:
             try:
-                family = run_config(run)['recipe']['family']
-                out = args.out or ROOT / 'weights' / f'{family}_flowers.pth'
+                family = read_run_config(run)['recipe']['family']
+                if family not in DELIVERIES:
+                    raise RunFolderError(f'{run}: the {family} family is not delivered (only '
+                                         f'{", ".join(DELIVERIES)} are)')
+                out = args.out or ROOT / 'weights' / DELIVERIES[family].weights_file
                 export_run(run, out, half=args.half, calibrated=not args.no_calibrate)
             except RunFolderError as err:
                 if args.run:             # the run asked for: one sentence, no fallback
@@ -61,8 +66,8 @@ def main(argv=None) -> int:
                 continue
             except (OSError, ValueError) as err:   # e.g. writing the output (disk full): no other run would fare better
                 sys.exit(f'error: {run}: {err}')
-            print(f'{run} -> {out} (+ {out.with_suffix(".json").name})')
-            calibration = json.loads(out.with_suffix('.json').read_text()).get('calibration')
+            print(f'{run} -> {out} (+ {Sidecar.path_for(out).name})')
+            calibration = Sidecar.read(out).provenance.get('calibration')
             if calibration:
                 print(f'  calibration on {calibration["n_valid"]} validation photos: '
                       f'T = {calibration["temperature"]:.3f}, '

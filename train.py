@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         if not args.name or not settings_file.is_file():
             sys.exit(f'--resume needs the --name of a run to continue (no {settings_file})')
         from flowers_fastai.data import data_folders
-        from flowers_fastai.exporting import read_json
+        from flowers_fastai.run_folder import read_json
         try:
             settings = read_json(settings_file, 'train it again under another --name')
             if not isinstance(settings.get('recipe'), dict):

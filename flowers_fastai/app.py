@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .predict import load_chosen_model, set_threads, threads_option
+from .predict import load_chosen_model, model_choices, set_threads, threads_option
 from .submit import predict_proba
 
 DEFAULT_MAX_MB = 10
@@ -393,7 +393,7 @@ def _port(text: str) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', choices=['cnn', 'vit', 'ensemble'], default='cnn',
+    parser.add_argument('--model', choices=model_choices(), default='cnn',
                         help='what to serve (default: %(default)s, the shipped weights/cnn_flowers.pth)')
     parser.add_argument('--weights', help='weights of --model cnn or vit; with ensemble, the CNN\'s '
                                           '(default: <family>_flowers.pth in . or weights/)')

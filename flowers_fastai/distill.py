@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,12 @@ from fastai.callback.mixup import MixHandler
 from fastai.vision.all import Callback
 from torch import nn
 
+from .delivery import DELIVERIES, delivery_of
+from .families import get_family
+from .run_folder import DISTILL_HEAD, load_weights, read_run_config, resolve_run
+from .sidecar import Sidecar
 from .teachers import classifier_of, feature_dim
 
-DISTILL_HEAD = 'distill_head'   # the projection's name in the student: its keys never reach an exported file
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -57,10 +61,6 @@ def attach_distill_head(student: nn.Module, teacher: nn.Module) -> nn.Linear:
     return head
 
 
-def without_distill_head(state: dict) -> dict:
-    return {k: v for k, v in state.items() if not k.startswith(DISTILL_HEAD + '.')}
-
-
 def with_distill_head(splitter):
     """`splitter` whose last group (the head's: it trains in every phase) also holds the projection."""
     def split(model):
@@ -69,6 +69,52 @@ def with_distill_head(splitter):
             groups = [*groups[:-1], [*groups[-1], *getattr(model, DISTILL_HEAD).parameters()]]
         return groups
     return split
+
+
+# ---------------------------------------------------------------------------------------------- reading a teacher
+def load_teacher(source: str | Path) -> tuple[nn.Module, dict]:
+    """A trained classifier for distillation and its preprocessing ({'mean', 'std', 'size'}), from a run folder
+    (its models/best.pth and config.json, any family) or an exported `cnn_flowers.pth` / `vit_flowers.pth`.
+    Files are read with `weights_only=True`; every key is checked."""
+    source = Path(source)
+    state, path = read_trained_weights(source)
+    return _teacher_from_run(source, state, path) if source.is_dir() else _teacher_from_export(path, state)
+
+
+def read_trained_weights(source: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The weights of a run folder (models/best.pth, of its best seed) or of an exported file, and their path:
+    tensors only (`run_folder.load_weights`: a crafted pickle is refused, none of its code runs), a student's
+    distillation projection left out."""
+    if source.is_dir():
+        path = resolve_run(source) / 'models' / 'best.pth'
+        if not path.is_file():
+            raise FileNotFoundError(f'{path} does not exist: the run has not finished an epoch yet')
+    elif source.is_file():
+        path = source
+    else:
+        raise FileNotFoundError(f'{source} not found: give a run folder (runs/NAME) or an exported .pth')
+    return load_weights(path, 'give a run folder whose models/best.pth is whole, or an exported .pth'), path
+
+
+def _teacher_from_run(run_dir: Path, state: dict[str, torch.Tensor], best: Path) -> tuple[nn.Module, dict]:
+    config = read_run_config(run_dir)
+    model = get_family(config['recipe']['family']).trained_network(config, state, str(best))
+    pp = config['preprocessing']
+    return model.eval(), {'mean': list(pp['mean']), 'std': list(pp['std']), 'size': pp['size']}
+
+
+def _teacher_from_export(path: Path, state: dict[str, torch.Tensor]) -> tuple[nn.Module, dict]:
+    """An exported file as a teacher: the delivery loader's own checks (every sidecar field it reads), then the
+    family's training network (autograd-ready, unlike the delivery one) with the same weights."""
+    sidecar = Sidecar.read(path)
+    family = delivery_of(state)
+    if family is None:
+        raise ValueError(f'{path} is neither an exported CNN nor ViT file; a teacher of another architecture is '
+                         'given by its run folder (runs/NAME)')
+    delivery = DELIVERIES[family]
+    _, pp = delivery.build(state, sidecar, path)   # every check submit makes, and the file's preprocessing
+    model = get_family(family).trained_network(delivery.network_config(state, sidecar), state, str(path))
+    return model.eval(), {'mean': list(pp.mean), 'std': list(pp.std), 'size': pp.size}
 
 
 class _PooledFeatures:

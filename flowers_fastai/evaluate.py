@@ -21,8 +21,8 @@ error, is a row of failed.csv.
 
 Library use (export-time calibration, benchmarks):
 
-    from flowers_fastai.evaluate import evaluate, scan_labelled_folder, load_model
-    result = evaluate(load_model(['weights/cnn_flowers.pth']), scan_labelled_folder('DIR').items, tta=False)
+    from flowers_fastai.evaluate import evaluate, scan_labelled_folder, load_models
+    result = evaluate(load_models(['weights/cnn_flowers.pth']), scan_labelled_folder('DIR').items, tta=False)
     result['accuracy'], result['per_class']['rose']['f1'], result['probabilities']  # N x 5 tensor
 """
 from __future__ import annotations
@@ -47,9 +47,9 @@ from .labels import CLASSES, normalize_class_name
 from .metrics import ECE_BINS, accuracy, classification_metrics
 from .predict import CsvOutput, OutputError, check_writable_place, classify_files, run_cli
 from .preprocess import TruncatedImageWarning
-from .submit import find_weights, load_model as submit_load_model
+from .submit import find_weights, load_any_model
 
-__all__ = ['ARRAY_KEYS', 'ECE_BINS', 'EvaluationError', 'LabelledFolder', 'scan_labelled_folder', 'load_model',
+__all__ = ['ARRAY_KEYS', 'ECE_BINS', 'EvaluationError', 'LabelledFolder', 'scan_labelled_folder', 'load_models',
            'classification_metrics', 'evaluate', 'summary_numbers', 'default_out', 'main']
 
 # keys of evaluate()'s result that hold tensors / per-photo data rather than summary numbers
@@ -118,14 +118,14 @@ def accuracy_by_folder(result: dict, folders: list[LabelledFolder]) -> dict[str,
 
 
 # ----------------------------------------------------------------------------------------------- the model
-def load_model(weights_paths: Sequence[str | os.PathLike]) -> nn.Module:
-    """One weights file -> its model (`submit.load_model`: CNN or ViT, by the sidecar's `family` or the key
+def load_models(weights_paths: Sequence[str | os.PathLike]) -> nn.Module:
+    """One weights file -> its model (`submit.load_any_model`: CNN or ViT, by the sidecar's `family` or the key
     names); several -> an `inference.Ensemble` of them (their calibrated probabilities averaged)."""
     if isinstance(weights_paths, (str, os.PathLike)):
         weights_paths = [weights_paths]
     if not weights_paths:
         raise EvaluationError('no weights file given')
-    models = [submit_load_model(weights) for weights in weights_paths]
+    models = [load_any_model(weights) for weights in weights_paths]
     return models[0] if len(models) == 1 else Ensemble(models)
 
 
@@ -145,7 +145,7 @@ def _class_index(label) -> int:
 def evaluate(model: nn.Module, items: Iterable[tuple[str | os.PathLike, str | int]], batch_size: int = 16,
              tta: bool = False, progress: bool | None = True, n_bins: int = ECE_BINS) -> dict:
     """Classify `items` ((path, label): a class name of CLASSES, a folder spelling such as 'Roses', or a class
-    index; e.g. `scan_labelled_folder(DIR).items`) with `model` (from `load_model` or `submit.load_*`), in
+    index; e.g. `scan_labelled_folder(DIR).items`) with `model` (from `load_models` or `submit.load_*`), in
     batches through `inference.predict_files` (`predict.classify_files`: any error of one file, of whatever
     type, fails that file only), and measure the (calibrated) probabilities.
 
@@ -377,7 +377,7 @@ def _main(argv) -> int:
         for data in args.data:
             check_out_folder(out, data)   # before the model load and the (slow) evaluation
         weights = [find_weights(w) for w in args.weights]
-        model = load_model(weights)
+        model = load_models(weights)
         if args.int8 and not any(isinstance(m, ClipViTClassifier) for m in members(model)):
             raise EvaluationError('--int8 needs a ViT weights file: int8 is offered for the CLIP ViT only')
     except (FileNotFoundError, ValueError) as err:   # EvaluationError is a ValueError

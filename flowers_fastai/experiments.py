@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .exporting import read_json, write_json
+from .run_folder import read_json, write_json
 from .labels import CLASSES
 from .recipes import Recipe
 from .training import resume_point_path, train

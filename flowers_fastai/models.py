@@ -30,7 +30,7 @@ def create_model(recipe: Recipe, pretrained: bool | str | Path = True) -> nn.Mod
 def load_whole(model: nn.Module, source: str | Path) -> None:
     """Every weight of `model`, head included, from a run folder's best weights or an exported file of the same
     network (strict: every key, every shape)."""
-    from .teachers import read_trained_weights
+    from .distill import read_trained_weights
     state, path = read_trained_weights(Path(source))
     if has_lora(state):
         raise ValueError(f'{path} holds LoRA updates: export the run first (python export.py --run ...)')

@@ -38,7 +38,9 @@ from typing import Iterable, Iterator
 from .data_files import scan_folder
 from .inference import FileResult, predict_files
 from .labels import CLASSES
-from .submit import find_weights, load_cnn_model, load_ensemble, load_vit_model, quantize_int8
+from .delivery import DELIVERIES
+from .sidecar import Sidecar
+from .submit import find_weights, load_ensemble, loader_for, quantize_int8
 
 EXIT_OUTPUT_ERROR = 2     # an output refused or not writable (argparse's usage errors are 2 too)
 EXIT_MODEL_ERROR = 2      # the model cannot load: nothing was classified (1 means some photo failed), as `evaluate`
@@ -263,29 +265,32 @@ def set_threads(n: int | None) -> int:
 
 def load_chosen_model(kind: str, weights: str | None = None, vit_weights: str | None = None,
                       int8: bool = False):
-    """The model of a command line's `--model cnn|vit|ensemble`, `--weights` (the CNN's for an ensemble),
-    `--vit-weights` and `--int8` (the ViT's matmuls in int8), defaulting to <family>_flowers.pth;
-    FileNotFoundError / ValueError from `submit`."""
-    if kind == 'cnn':
-        if int8:
-            raise ValueError('--int8 applies to the ViT only (--model vit or ensemble)')
-        return load_cnn_model(weights or 'cnn_flowers.pth')
-    if kind == 'vit':
-        model = load_vit_model(vit_weights or weights or 'vit_flowers.pth')
+    """The model of a command line's `--model <family>|ensemble` (the families of the delivery registry),
+    `--weights` (the CNN's for an ensemble), `--vit-weights` and `--int8` (the ViT's matmuls in int8), each file
+    defaulting to its family's; FileNotFoundError / ValueError from `submit`."""
+    if int8 and kind not in ('vit', 'ensemble'):
+        raise ValueError('--int8 applies to the ViT only (--model vit or ensemble)')
+    if kind == 'ensemble':
+        model = load_ensemble(weights or DELIVERIES['cnn'].weights_file, vit_weights or DELIVERIES['vit'].weights_file)
     else:
-        model = load_ensemble(weights or 'cnn_flowers.pth', vit_weights or 'vit_flowers.pth')
+        path = (vit_weights or weights) if kind == 'vit' else weights
+        model = loader_for(kind)(path or DELIVERIES[kind].weights_file)
     return quantize_int8(model) if int8 else model   # an ensemble: its ViT member
+
+
+def model_choices() -> list[str]:
+    """`--model`'s choices: every delivered family, and all of them averaged."""
+    return [*DELIVERIES, 'ensemble']
 
 
 def weights_files(kind: str, weights: str | None, vit_weights: str | None) -> list[Path]:
     """The weights files (and sidecars) `load_chosen_model` would read, those that exist: inputs too."""
-    defaults = {'cnn': ['cnn_flowers.pth'], 'vit': ['vit_flowers.pth'],
-                'ensemble': ['cnn_flowers.pth', 'vit_flowers.pth']}[kind]
+    defaults = [entry.weights_file for name, entry in DELIVERIES.items() if kind in (name, 'ensemble')]
     found = []
     for name in [n for n in (weights, vit_weights) if n] + defaults:
         with contextlib.suppress(OSError):   # a missing file is load_chosen_model's error to report
             path = find_weights(name)
-            found += [path, path.with_suffix('.json')]
+            found += [path, Sidecar.path_for(path)]
     return found
 
 
@@ -314,7 +319,7 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('paths', nargs='+', type=Path, help='image files and/or folders')
-    parser.add_argument('--model', choices=['cnn', 'vit', 'ensemble'], default='cnn',
+    parser.add_argument('--model', choices=model_choices(), default='cnn',
                         help='model family, or both averaged (default: %(default)s)')
     parser.add_argument('--weights', help='weights file (default: <family>_flowers.pth in . or weights/; '
                                           'for the ensemble: the CNN file)')

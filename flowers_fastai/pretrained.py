@@ -50,7 +50,7 @@ def _reachable(url: str, timeout: float = 5.0) -> bool:
         return False
 
 
-def _hub_download(repo_id: str, filenames: list[str], what: str) -> Path:
+def hub_download(repo_id: str, filenames: list[str], what: str) -> Path:
     """The first of `filenames` in the Hugging Face repo `repo_id`: downloaded when the hub is reachable,
     else from the local cache, else `PretrainedUnavailable`."""
     from huggingface_hub import constants, hf_hub_download
@@ -198,7 +198,7 @@ def cnn_pretrained_file(arch: str, tag: str = DEFAULT_CNN_TAG) -> Path:
     if cfg is None or not cfg.hf_hub_id:
         raise ValueError(f'timm publishes no weights named {name!r}; its tags for {arch}: '
                          + ', '.join(n.split('.', 1)[1] for n in timm.list_pretrained(f'{arch}.*')))
-    return _hub_download(cfg.hf_hub_id, [cfg.hf_hub_filename or 'model.safetensors'], name)
+    return hub_download(cfg.hf_hub_id, [cfg.hf_hub_filename or 'model.safetensors'], name)
 
 
 def load_cnn_backbone(model: nn.Module, path: str | Path) -> None:
@@ -227,7 +227,7 @@ def clip_pretrained_file(model_name: str, tag: str = DEFAULT_CLIP_TAG) -> Path:
         # open_clip's convention: 'org/name/' (its default file names, safetensors first) or 'org/name/file'
         repo_id, filename = os.path.split(cfg['hf_hub'])
         names = [filename] if filename else ['open_clip_model.safetensors', 'open_clip_pytorch_model.bin']
-        return _hub_download(repo_id, names, what)
+        return hub_download(repo_id, names, what)
     if not _reachable(cfg['url']):
         raise PretrainedUnavailable(_offline_message(f'{what} from {cfg["url"]}', OSError('host unreachable')))
     try:

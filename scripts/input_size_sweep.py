@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flowers_fastai.exporting import rebuild_split, run_config  # noqa: E402
+from flowers_fastai.exporting import rebuild_split  # noqa: E402
+from flowers_fastai.run_folder import read_run_config  # noqa: E402
 from flowers_fastai.inference import predict_files  # noqa: E402
 from flowers_fastai.submit import load_cnn_model  # noqa: E402
 
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument('--sizes', type=int, nargs='+', default=[128, 160, 192, 224])
     args = parser.parse_args(argv)
 
-    items, _, valid_idx, _ = rebuild_split(run_config(args.run))
+    items, _, valid_idx, _ = rebuild_split(read_run_config(args.run))
     valid = [items[i] for i in valid_idx]
     sidecar = args.weights.with_suffix('.json')
     base = json.loads(sidecar.read_text()) if sidecar.is_file() else {'family': 'cnn'}

@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flowers_fastai.exporting import rebuild_split, run_config  # noqa: E402
+from flowers_fastai.exporting import rebuild_split  # noqa: E402
+from flowers_fastai.run_folder import read_run_config  # noqa: E402
 from flowers_fastai.inference import predict_files  # noqa: E402
 from flowers_fastai.submit import load_cnn_model  # noqa: E402
 
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument('--run', type=Path, required=True, help='run folder whose validation split is scored')
     parser.add_argument('--weights', type=Path, nargs=2, required=True, metavar=('A', 'B'), help='two CNN files')
     args = parser.parse_args(argv)
-    items, _, valid_idx, _ = rebuild_split(run_config(args.run))
+    items, _, valid_idx, _ = rebuild_split(read_run_config(args.run))
     valid = [items[i] for i in valid_idx]
     a, b = (correct_alone(w, valid) for w in args.weights)
     only_a, only_b = discordant(a, b)

@@ -21,10 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flowers_fastai.data import data_folders, folder_names  # noqa: E402
-from flowers_fastai.exporting import run_config, validation_items  # noqa: E402
+from flowers_fastai.exporting import validation_items  # noqa: E402
+from flowers_fastai.run_folder import read_run_config  # noqa: E402
 from flowers_fastai.labels import CLASSES  # noqa: E402
 from flowers_fastai.preprocess import Preprocessing, load_for_model  # noqa: E402
-from flowers_fastai.teachers import load_teacher  # noqa: E402
+from flowers_fastai.distill import load_teacher  # noqa: E402
 
 
 def probabilities(model, paths: list[Path], pp: Preprocessing, batch_size: int = 64) -> torch.Tensor:
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
         if validation_items(run) != valid:
             sys.exit(f'error: {run} was validated on other photos than {args.teachers[0]}: train the teachers on '
                      'one split (--split, --split-seed, --data) to compare or ensemble them')
-    folders = data_folders(run_config(args.teachers[0])['data'])
+    folders = data_folders(read_run_config(args.teachers[0])['data'])
     names = folder_names(folders)
     source = np.array([next(k for k, f in enumerate(folders) if Path(p).resolve().is_relative_to(f)) for p, _ in valid])
     targets = torch.tensor([CLASSES.index(label) for _, label in valid])
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     by_size: dict[str, list[torch.Tensor]] = {}
     for run in args.teachers:
         model, pp = load_teacher(run)
-        own = Preprocessing(**{**run_config(run)['preprocessing'], 'mean': tuple(pp['mean']),
+        own = Preprocessing(**{**read_run_config(run)['preprocessing'], 'mean': tuple(pp['mean']),
                                'std': tuple(pp['std'])})
         for size in dict.fromkeys([own.size, *args.sizes]):
             probs = probabilities(model, paths, replace(own, size=size))

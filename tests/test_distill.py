@@ -20,7 +20,8 @@ from flowers_fastai.models import create_model
 from flowers_fastai.preprocess import load_for_model
 from flowers_fastai.recipes import TEACHER
 from flowers_fastai.submit import load_cnn_model
-from flowers_fastai.teachers import load_teacher, lukemelas_to_timm, timm_pretrained_file, wheel_file
+from flowers_fastai.distill import load_teacher
+from flowers_fastai.teachers import lukemelas_to_timm, timm_pretrained_file, wheel_file
 from flowers_fastai.training import train
 
 from .conftest import EXAMPLES, interrupt_after_first_epoch

@@ -195,24 +195,24 @@ def test_clear_errors_for_folders_and_weights_that_cannot_be_evaluated(tmp_path,
 
 
 def test_family_comes_from_the_sidecar_else_from_the_keys(tmp_path, tiny_cnn_file, tiny_vit_file):
-    assert ev.load_model([tiny_cnn_file]).flowers_family == 'cnn'
-    assert ev.load_model([tiny_vit_file]).flowers_family == 'vit'
+    assert ev.load_models([tiny_cnn_file]).flowers_family == 'cnn'
+    assert ev.load_models([tiny_vit_file]).flowers_family == 'vit'
     for source, family, sidecar in ((tiny_cnn_file, 'cnn', {'image_size': 32}),
                                     (tiny_vit_file, 'vit', {'quick_gelu': True, 'head_width': 32})):
         copy = tmp_path / f'no_family_{family}.pth'
         shutil.copy(source, copy)
         copy.with_suffix('.json').write_text(json.dumps(sidecar))
-        assert getattr(ev.load_model([copy]), 'flowers_family') == family
+        assert getattr(ev.load_models([copy]), 'flowers_family') == family
     wrong = tmp_path / 'says_vit.pth'                  # a sidecar that names the other family: a clear error
     shutil.copy(tiny_cnn_file, wrong)
     wrong.with_suffix('.json').write_text(json.dumps({'family': 'vit'}))
     # the wording is submit's (its loader says which file and which family); evaluate only passes it on
     with pytest.raises(ValueError, match=r'says_vit\.(pth|json).*(CLIP ViT|ConvNeXt|CNN)'):
-        ev.load_model([wrong])
+        ev.load_models([wrong])
     other = tmp_path / 'other.pth'
     torch.save({'linear.weight': torch.zeros(5, 3)}, other)
     with pytest.raises(ValueError, match='neither'):   # submit's contract: ValueError (EvaluationError is one)
-        ev.load_model([other])
+        ev.load_models([other])
 
 
 def test_two_weights_files_evaluate_their_ensemble(labelled_folder, tmp_path, monkeypatch, tiny_cnn_file,

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from flowers_fastai import families, submit, training
-from flowers_fastai.families import DELIVERED, FAMILIES, Delivery, Family, family_of
+from flowers_fastai import delivery, families, predict, submit, training
+from flowers_fastai.delivery import DELIVERIES, Delivery, delivery_of
+from flowers_fastai.families import FAMILIES, Family
 from flowers_fastai.inference import Served
 from flowers_fastai.labels import CLASSES
 from flowers_fastai.models import create_model
@@ -23,8 +24,18 @@ from .conftest import real_photos
 def test_every_recipe_has_one_family_entry_and_the_delivered_ones_are_cnn_and_vit():
     assert set(FAMILIES) == set(RECIPES)
     assert all(FAMILIES[name].recipe == RECIPES[name] and FAMILIES[name].name == name for name in FAMILIES)
-    assert DELIVERED == ('cnn', 'vit')
-    assert [FAMILIES[n].delivery.loader for n in DELIVERED] == ['load_cnn_model', 'load_vit_model']
+    assert tuple(DELIVERIES) == ('cnn', 'vit')
+    assert [FAMILIES[n].delivery.loader for n in DELIVERIES] == ['load_cnn_model', 'load_vit_model']
+    assert all(FAMILIES[n].delivery is DELIVERIES[n] for n in DELIVERIES) and FAMILIES['teacher'].delivery is None
+
+
+def test_the_brief_loaders_take_their_names_and_default_files_from_the_registry():
+    import inspect
+    for name, entry in DELIVERIES.items():
+        loader = getattr(submit, entry.loader)
+        assert loader is submit.loader_for(name) and loader.__name__ == entry.loader
+        assert inspect.signature(loader).parameters['weights_path'].default == entry.weights_file
+    assert (DELIVERIES['cnn'].weights_file, DELIVERIES['vit'].weights_file) == ('cnn_flowers.pth', 'vit_flowers.pth')
 
 
 def test_preprocessing_follows_the_weight_tag():
@@ -74,22 +85,30 @@ def _toy_family() -> Family:
         model = _Toy()
         model.load_state_dict(state)
         return model
-    return Family(name='toy', title='a toy linear', recipe=dataclasses.replace(CNN, family='toy', size=16),
+    return Family(name='toy', recipe=dataclasses.replace(CNN, family='toy', size=16),
                   create=lambda recipe, pretrained: _Toy(), splitter=lambda m: [[m.toy_head.weight], [m.toy_head.bias]],
                   preprocessing=lambda arch, tag, size: dataclasses.replace(pp, size=size),
                   trained_network=loaded,
-                  delivery=Delivery(weights_file='toy_flowers.pth', loader='load_model', head_key='toy_head.weight',
-                                    owns=lambda state: 'toy_head.weight' in state,
+                  delivery=Delivery(name='toy', title='a toy linear', weights_file='toy_flowers.pth',
+                                    head_key='toy_head.weight', owns=lambda state: 'toy_head.weight' in state,
                                     build=lambda state, sidecar, path: (loaded(state), pp),
-                                    sidecar=lambda config, model: {}, run_config=lambda state, sidecar: {}))
+                                    sidecar_fields=lambda config, model: {},
+                                    network_config=lambda state, sidecar: {}))
 
 
-def test_a_new_family_is_one_entry(monkeypatch, tmp_path):
+@pytest.fixture
+def toy_family():
+    """The toy family registered with one call, and gone again after the test."""
+    toy = families.register(_toy_family())
+    yield toy
+    del FAMILIES['toy'], DELIVERIES['toy']
+
+
+def test_a_new_family_is_one_entry(toy_family, tmp_path, tiny_cnn_file, tiny_vit_file, monkeypatch):
     """Registered in one place, a family is built for training, gets its preprocessing, is recognised from its
-    keys and loads and predicts through `submit`, with no other module touched."""
-    toy = _toy_family()
-    monkeypatch.setitem(FAMILIES, 'toy', toy)
-    monkeypatch.setattr(families, 'DELIVERED', (*DELIVERED, 'toy'))
+    keys, loads and predicts through `submit`, and is offered by `predict --model`, the ensemble and export, with
+    no other module touched."""
+    toy = toy_family
     assert isinstance(create_model(toy.recipe, pretrained=False), _Toy)
     assert training.preprocessing_for(toy.recipe, 24) == Preprocessing(24, 1.0, (0.5,) * 3, (0.5,) * 3)
 
@@ -97,13 +116,32 @@ def test_a_new_family_is_one_entry(monkeypatch, tmp_path):
     path = tmp_path / 'toy_flowers.pth'
     torch.save(_Toy().state_dict(), path)
     path.with_suffix('.json').write_text(json.dumps({'family': 'toy'}))
-    assert family_of(torch.load(path, weights_only=True)) == 'toy'
-    model = submit.load_model(path)
-    assert model.flowers_family == 'toy' and model.flowers_preprocessing.size == 16
+    assert delivery_of(torch.load(path, weights_only=True)) == 'toy'
+    for model in (submit.load_any_model(path), submit.loader_for('toy')(path)):
+        assert model.flowers_family == 'toy' and model.flowers_preprocessing.size == 16
     photo = real_photos(1)['rose'][0]
-    assert submit.predict(model, photo) in CLASSES
-    with pytest.raises(ValueError, match='it holds a toy linear model: load it with load_model'):
+    assert submit.predict(submit.load_any_model(path), photo) in CLASSES
+    with pytest.raises(ValueError, match='it holds a toy linear model: load it with load_toy_model'):
         submit.load_cnn_model(path)
+
+    assert 'toy' in predict.model_choices()
+    assert predict.load_chosen_model('toy', str(path)).flowers_family == 'toy'
+    monkeypatch.chdir(tmp_path)   # the toy's default file is found in the current directory
+    assert predict.load_chosen_model('toy').flowers_family == 'toy'
+    both = submit.load_ensemble(tiny_cnn_file, tiny_vit_file, toy_path=path)
+    assert [m.flowers_family for m in both.members] == ['cnn', 'vit', 'toy']
+
+    import export
+    with pytest.raises(SystemExit, match='no finished run'):   # a choice of --family, not an argparse error
+        export.main(['--family', 'toy', '--runs', str(tmp_path)])
+
+
+def test_a_family_registered_twice_is_refused(toy_family):
+    with pytest.raises(ValueError, match="named 'toy' already exists"):
+        families.register(_toy_family())
+    with pytest.raises(ValueError, match='give both one name'):
+        families.register(dataclasses.replace(_toy_family(), name='toy2'))
+    assert 'toy2' not in FAMILIES and 'toy2' not in delivery.DELIVERIES
 
 
 def test_a_served_model_declares_how_to_feed_it_and_patched_attributes_are_not_enough(tiny_cnn_file):

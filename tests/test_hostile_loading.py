@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from flowers_fastai.labels import CLASSES
-from flowers_fastai.submit import (load_cnn_model, load_ensemble, load_model, load_vit_model, predict, predict_proba,
+from flowers_fastai.submit import (load_cnn_model, load_ensemble, load_any_model, load_vit_model, predict, predict_proba,
                                    quantize_int8)
 
 from .conftest import EXAMPLES
@@ -49,7 +49,7 @@ def _loaders(weights_files):
             'vit': lambda: load_vit_model(weights_files['vit']),
             'ensemble': lambda: load_ensemble(weights_files['cnn'], weights_files['vit']),
             'vit_int8': lambda: quantize_int8(load_vit_model(weights_files['vit'])),
-            'any': lambda: load_model(weights_files['cnn'])}
+            'any': lambda: load_any_model(weights_files['cnn'])}
 
 
 def _answers(model) -> list[tuple[str, dict[str, float]]]:
@@ -248,7 +248,7 @@ def test_bad_weight_files_are_refused_at_load_naming_the_file_and_key(family, we
         path = tmp_path / f'{case}.pth'
         torch.save(obj, path)
         shutil.copy(weights_files[family].with_suffix('.json'), path.with_suffix('.json'))
-        for load in (loader, load_model):
+        for load in (loader, load_any_model):
             try:
                 load(path)
                 failures.append(f'{case} ({load.__name__}): loaded')
@@ -326,7 +326,7 @@ def test_bad_sidecars_are_refused_at_load_naming_the_sidecar_and_field(family, w
             sidecar.mkdir()
         else:
             (sidecar.write_bytes if isinstance(text, bytes) else sidecar.write_text)(text)
-        for load in ((load_cnn_model if family == 'cnn' else load_vit_model), load_model):
+        for load in ((load_cnn_model if family == 'cnn' else load_vit_model), load_any_model):
             try:
                 load(path)
                 failures.append(f'{case} ({load.__name__}): loaded')
@@ -404,7 +404,7 @@ def test_nothing_is_ever_loaded_with_weights_only_false(weights_files, monkeypat
     load_cnn_model(weights_files['cnn'])
     load_cnn_model(legacy)
     load_ensemble(weights_files['cnn'], weights_files['vit'])
-    load_model(weights_files['vit'])
+    load_any_model(weights_files['vit'])
     assert calls and all(w is True for w in calls), calls
 
 

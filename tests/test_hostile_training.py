@@ -368,7 +368,7 @@ def test_metrics_json_is_strict_json_even_for_a_class_without_validation_photos(
     metrics = strict_json(tmp_path / 'metrics.json')
     assert metrics['per_class_accuracy']['rose'] is None and metrics['valid_accuracy'] == 1.0
 
-    from flowers_fastai.exporting import write_json
+    from flowers_fastai.run_folder import write_json
     with pytest.raises(ValueError):   # the writer itself refuses NaN, and leaves nothing behind
         write_json(tmp_path / 'bad.json', {'accuracy': float('nan')})
     assert not (tmp_path / 'bad.json').exists() and not list(tmp_path.glob('.*.tmp'))

@@ -21,7 +21,7 @@ from flowers_fastai import architectures, pretrained
 from flowers_fastai.architectures import (ArchitectureError, CONVNEXTV2_SIZES, ClipClassifier, build_clip_tower,
                                           build_cnn, clip_spec_from_open_clip, infer_clip_spec,
                                           infer_cnn_arch)
-from flowers_fastai.families import family_of
+from flowers_fastai.delivery import delivery_of
 from flowers_fastai.labels import CLASSES
 from flowers_fastai.models import create_model
 from flowers_fastai.recipes import RECIPES
@@ -460,7 +460,7 @@ def test_infer_cnn_arch_for_every_convnextv2_size(size):
     with torch.device('meta'):
         state_dict = timm.create_model(name, pretrained=False, num_classes=5).state_dict()
     assert infer_cnn_arch(state_dict) == name
-    assert family_of(state_dict) == 'cnn'
+    assert delivery_of(state_dict) == 'cnn'
 
 
 @pytest.mark.parametrize('model_name', ['ViT-B-16', 'ViT-B-32', 'ViT-L-14', 'ViT-L-14-336'])
@@ -473,7 +473,7 @@ def test_infer_clip_spec_for_the_published_towers(model_name):
     for field in ('image_size', 'patch_size', 'width', 'layers', 'output_dim'):
         assert getattr(got, field) == getattr(spec, field), field
     assert got == spec
-    assert family_of(state_dict) == 'vit'
+    assert delivery_of(state_dict) == 'vit'
     expected = {'ViT-B-16': (224, 16, 768, 12, 512), 'ViT-B-32': (224, 32, 768, 12, 512),
                 'ViT-L-14': (224, 14, 1024, 24, 768), 'ViT-L-14-336': (336, 14, 1024, 24, 768)}[model_name]
     assert (got.image_size, got.patch_size, got.width, got.layers, got.output_dim) == expected
@@ -494,9 +494,9 @@ def test_infer_cnn_arch_refuses_what_is_no_convnextv2():
     short = {k: v for k, v in atto.items() if not k.startswith('stages.2.blocks.5.')}
     with pytest.raises(ArchitectureError, match='match no ConvNeXt V2 size'):
         infer_cnn_arch(short)
-    assert family_of(resnet) is None
-    assert family_of({}) is None
-    assert family_of({'stem.0.weight': torch.zeros(1)}) is None
+    assert delivery_of(resnet) is None
+    assert delivery_of({}) is None
+    assert delivery_of({'stem.0.weight': torch.zeros(1)}) is None
     with pytest.raises(ArchitectureError):
         infer_clip_spec(resnet)
 

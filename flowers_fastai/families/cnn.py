@@ -1,20 +1,16 @@
-"""The CNN family: timm ConvNeXt V2 with a `Linear(in_features, 5)` head.
-
-Delivered as exactly the keys of `timm.create_model('convnextv2_<size>', num_classes=5).state_dict()`; `submit`
-serves it through `inference_nets.ConvNeXtV2` (same keys, no timm import).
-"""
+"""The CNN family, training side: timm ConvNeXt V2 with a `Linear(in_features, 5)` head. How it ships:
+`flowers_fastai/delivery/cnn.py`."""
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
-import torch
 from torch import nn
 
-from ..architectures import ArchitectureError, build_cnn, infer_cnn_arch, load_exactly
-from ..preprocess import Preprocessing, cnn_preprocessing
+from ..architectures import build_cnn, load_exactly
+from ..delivery import StateDict, cnn as delivery
+from ..preprocess import Preprocessing
 from ..recipes import CNN, Recipe
-from . import Delivery, Family, StateDict, sidecar_preprocessing, with_published_weights
+from .entry import Family, with_published_weights
 
 
 def create(recipe: Recipe, pretrained=True) -> nn.Module:
@@ -55,31 +51,5 @@ def trained_network(config: dict, state: StateDict, what: str) -> nn.Module:
     return model
 
 
-def _owns(state_dict: StateDict) -> bool:
-    return 'stem.0.weight' in state_dict and any(k.startswith('stages.') for k in state_dict)
-
-
-def build_delivery(state_dict: StateDict, sidecar: dict, path: Path) -> tuple[nn.Module, Preprocessing]:
-    from ..inference_nets import ConvNeXtV2
-    from ..architectures import CONVNEXTV2_SIZES
-    try:
-        size = infer_cnn_arch(state_dict).removeprefix('convnextv2_')
-    except ArchitectureError as err:
-        raise ValueError(f'{path}: {err}') from None
-    with torch.device('meta'):   # no random initialisation: every tensor comes from the file
-        model = ConvNeXtV2(*CONVNEXTV2_SIZES[size]).float()   # float32 even under set_default_dtype(float64)
-    load_exactly(model, state_dict, str(path), assign=True)
-    # without a sidecar: the default weights' preprocessing at 224 px (a test checks it against timm's config)
-    return model, sidecar_preprocessing(sidecar, cnn_preprocessing(sidecar.get('image_size', 224)))
-
-
-def _sidecar(config: dict, model: nn.Module) -> dict:
-    return {'arch': config['recipe']['arch'].split('.')[0]}
-
-
-FAMILY = Family(
-    name='cnn', title='a ConvNeXt V2 CNN', recipe=CNN, create=create, splitter=splitter,
-    preprocessing=timm_weights_preprocessing, trained_network=trained_network,
-    delivery=Delivery(weights_file='cnn_flowers.pth', loader='load_cnn_model', head_key='head.fc.weight',
-                      owns=_owns, build=build_delivery, sidecar=_sidecar,
-                      run_config=lambda state, sidecar: {'recipe': {'arch': infer_cnn_arch(state)}}))
+FAMILY = Family(name='cnn', recipe=CNN, create=create, splitter=splitter, preprocessing=timm_weights_preprocessing,
+                trained_network=trained_network, delivery=delivery.DELIVERY)

@@ -10,7 +10,8 @@ from torch import nn
 from ..architectures import load_exactly
 from ..recipes import TEACHER, Recipe
 from ..teachers import build_timm_classifier, classifier_of, load_timm_backbone, timm_pretrained_file
-from . import Family, StateDict, with_published_weights
+from ..delivery import StateDict
+from .entry import Family, with_published_weights
 from .cnn import timm_weights_preprocessing
 
 
@@ -37,5 +38,5 @@ def trained_network(config: dict, state: StateDict, what: str) -> nn.Module:
     return model
 
 
-FAMILY = Family(name='teacher', title='a timm classifier (teacher)', recipe=TEACHER, create=create,
+FAMILY = Family(name='teacher', recipe=TEACHER, create=create,
                 splitter=splitter, preprocessing=timm_weights_preprocessing, trained_network=trained_network)

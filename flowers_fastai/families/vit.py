@@ -1,23 +1,18 @@
-"""The ViT family: the open_clip CLIP image tower (ViT-L/14 for real work) with a `Linear(output_dim, 5)` head.
-
-Delivered as the tower's `visual.state_dict()` under `visual.` plus `head.weight` / `head.bias`; `submit` serves it
-through `inference_nets.ClipViTClassifier` (same keys, no open_clip import). What tensors cannot tell (QuickGELU
-or GELU, the head width, the weights' normalisation) travels in the sidecar.
-"""
+"""The ViT family, training side: the open_clip CLIP image tower (ViT-L/14 for real work) with a
+`Linear(output_dim, 5)` head. How it ships: `flowers_fastai/delivery/vit.py`."""
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..architectures import (ArchitectureError, ClipClassifier, ClipTowerSpec, clip_spec_from_open_clip,
-                             infer_clip_spec, load_exactly)
+from ..architectures import ClipClassifier, ClipTowerSpec, clip_spec_from_open_clip, load_exactly
+from ..delivery import StateDict, vit as delivery
 from ..lora import apply_lora, has_lora, is_lora_parameter, merge_lora
 from ..preprocess import Preprocessing, vit_preprocessing
 from ..recipes import VIT, Recipe
-from . import Delivery, Family, StateDict, sidecar_preprocessing, with_published_weights
+from .entry import Family, with_published_weights
 
 
 def create(recipe: Recipe, pretrained=True) -> nn.Module:
@@ -78,42 +73,6 @@ def trained_network(config: dict, state: StateDict, what: str) -> nn.Module:
     return plain
 
 
-def _owns(state_dict: StateDict) -> bool:
-    return any(k.startswith('visual.') for k in state_dict)
-
-
-def build_delivery(state_dict: StateDict, sidecar: dict, path: Path) -> tuple[nn.Module, Preprocessing]:
-    from ..inference_nets import ClipViTClassifier
-    try:
-        spec = infer_clip_spec(state_dict, quick_gelu=sidecar.get('quick_gelu', True),
-                               head_width=sidecar.get('head_width', 64))
-    except ArchitectureError as err:
-        raise ValueError(f'{path}: {err}') from None
-    if spec.width % spec.head_width:
-        raise ValueError(f'{path.with_suffix(".json")}: field "head_width" ({spec.head_width}) must divide the '
-                         f'width of the tower in {path.name} ({spec.width})')
-    if sidecar.get('image_size', spec.image_size) != spec.image_size:
-        raise ValueError(f'{path.with_suffix(".json")}: field "image_size" says {sidecar["image_size"]} but the '
-                         f'positional embedding in {path.name} is for {spec.image_size} px')
-    with torch.device('meta'):
-        model = ClipViTClassifier(spec).float()
-    load_exactly(model, state_dict, str(path), assign=True)
-    return model, sidecar_preprocessing(sidecar, vit_preprocessing(spec.image_size))
-
-
-def _run_config(state: StateDict, sidecar: dict) -> dict:
-    spec = infer_clip_spec(state, quick_gelu=sidecar.get('quick_gelu', True), head_width=sidecar.get('head_width', 64))
-    return {'recipe': {}, 'clip_spec': spec.to_dict()}
-
-
-def _sidecar(config: dict, model: ClipClassifier) -> dict:
-    spec = model.spec
-    return {'arch': spec.name, 'quick_gelu': spec.quick_gelu, 'head_width': spec.head_width}
-
-
-FAMILY = Family(
-    name='vit', title='a CLIP ViT', recipe=VIT, create=create, splitter=splitter,
-    preprocessing=clip_weights_preprocessing, trained_network=trained_network,
-    run_config=lambda model: {'clip_spec': model.spec.to_dict()},
-    delivery=Delivery(weights_file='vit_flowers.pth', loader='load_vit_model', head_key='head.weight',
-                      owns=_owns, build=build_delivery, sidecar=_sidecar, run_config=_run_config))
+FAMILY = Family(name='vit', recipe=VIT, create=create, splitter=splitter, preprocessing=clip_weights_preprocessing,
+                trained_network=trained_network, network_config=lambda model: {'clip_spec': model.spec.to_dict()},
+                delivery=delivery.DELIVERY)
