@@ -2,66 +2,87 @@
 recipe trains in. Where each default comes from in the seed: docs/training.md."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 OWN_SIZE = -1   # teacher_size: each teacher at the size it was trained at
 
 
+def option(help_text: str, default=MISSING, **more):
+    """A recipe field that is also a train.py option (recipe_options.py builds it): its help text is declared
+    here, once. `more`: what else the option needs (`group`: the help section listing it, default the recipe's)."""
+    return field(default=default, metadata={'help': help_text, **more})
+
+
 @dataclass(frozen=True)
 class Recipe:
-    family: str                    # 'cnn' or 'vit'
-    arch: str                      # timm name (convnextv2_*) or open_clip model name (ViT-L-14-quickgelu)
-    pretrained_tag: str            # timm tag / open_clip pretrained tag downloaded when online
-    size: int                      # training and inference resolution
-    bs: int
-    epochs: int                    # the `partial` / `full` phase (from scratch: the `scratch` phase)
-    freeze_epochs: int             # the `frozen` phase: the head only (a linear probe)
-    lr: float                      # peak learning rate of the head
-    backbone_lr_div: float         # head LR / LR of the top backbone block
-    wd: float                      # decoupled weight decay (AdamW)
-    label_smoothing: float
-    drop_path: float
-    valid_pct: float = 0.2
-    seed: int = 0                  # seeds Python, NumPy, PyTorch (initialisation, augmentation) and the split
-    min_scale: float = 0.35        # RandomResizedCrop's smallest crop (fraction of the photo)
-    llrd: float = 0.75             # layer-wise LR decay: each block below the top gets `llrd` x the LR above it
-    frozen_phase_blocks: int = 0   # the `frozen` phase also trains the top N backbone blocks/stages (CNN option: 1)
-    unfreeze_blocks: int = 0       # N > 0: a `partial` phase, the top N blocks (+ head); 0: a `full` phase
-    final_epochs: int = 0          # the `final` phase (optional): everything, LRs / final_lr_div
-    final_lr_div: float = 10.0
-    warmup_pct: float = 0.25       # share of each phase spent warming up (one-cycle: then cosine decay)
-    lr_base_bs: int = 0            # LRs are scaled by bs * accumulate / lr_base_bs (linear rule); 0 = as given
-    accumulate: int = 1            # gradient accumulation: optimizer step every `accumulate` batches
+    family: str                    # 'cnn', 'vit' or 'teacher': train.py's positional argument, not an option
+    arch: str = option('timm convnextv2_{atto..huge} or open_clip ViT name (ViT-L-14-quickgelu for OpenAI '
+                       'weights, ViT-L-14 for OpenCLIP ones)')
+    pretrained_tag: str = option('timm tag / open_clip pretrained tag to download')
+    size: int = option('image size in pixels')   # training and inference resolution
+    bs: int = option('batch size')
+    epochs: int = option('epochs of the partial/full phase (from scratch: of the scratch phase)')
+    freeze_epochs: int = option('epochs of the frozen phase: the head only (linear probe)')
+    lr: float = option('peak learning rate of the head (one-cycle: warmup then cosine decay)')
+    backbone_lr_div: float = option('head LR / LR of the top backbone block')
+    wd: float = option('AdamW decoupled weight decay')
+    label_smoothing: float = option('cross-entropy label smoothing')
+    drop_path: float = option('stochastic depth rate (ConvNeXt V2)')
+    valid_pct: float = option('validation fraction of the stratified split', default=0.2)
+    seed: int = option('seed of Python, NumPy, PyTorch and the split', default=0)
+    min_scale: float = option("RandomResizedCrop's smallest crop, as a fraction of the photo", default=0.35)
+    llrd: float = option('layer-wise LR decay: LR ratio of each backbone block to the block above it', default=0.75)
+    frozen_phase_blocks: int = option('top backbone blocks/stages trained with the head in the frozen phase (old '
+                                      'name: --phase-a-blocks)', default=0)   # the seed's CNN option: 1
+    unfreeze_blocks: int = option('N > 0: a partial phase trains the top N blocks; 0: a full phase trains '
+                                  'everything', default=0)
+    final_epochs: int = option('epochs of the final phase: everything at LR / --final-lr-div (with --lora-rank: '
+                               'LoRA merged first, the light full fine-tune)', default=0)
+    final_lr_div: float = option('LR divisor of the final and resized phases', default=10.0)
+    warmup_pct: float = option('share of each phase spent warming up before the cosine decay', default=0.25)
+    lr_base_bs: int = option('LRs are scaled by bs x accumulate / this (linear rule); 0 = no scaling', default=0)
+    accumulate: int = option('gradient accumulation: one optimizer step every N batches', default=1)
     # Field defaults are "off": a run saved before a field existed resumes as it was trained. The seed's
     # values are set in CNN and VIT below.
-    ema_decay: float = 0.0         # weight EMA decay per optimizer step (0.999 suits ~100 steps per epoch)
-    mixup: float = 0.0             # probability that a training batch gets MixUp
-    cutmix: float = 0.0            # probability that a training batch gets CutMix (instead)
-    randaugment: int = 0           # RandAugment operations per training photo
-    randaugment_magnitude: int = 9
-    color_jitter: float = 0.0      # brightness/contrast/saturation jitter
-    random_erasing: float = 0.0    # probability that a batch gets one random rectangle erased
-    lora_rank: int = 0             # ViT: LoRA rank on attention + MLP projections (the seed's option); 0 = off
-    lora_alpha: float = 16.0
-    patience: int = 0              # early stopping: epochs without a better validation accuracy; 0 = off
-    resize_to: int = 0             # the `resized<N>` phase (fastai's progressive resizing): `resize_epochs` epochs
-    resize_epochs: int = 0         # at this size (the delivered file's input size), LRs / final_lr_div; 0 = off
+    # ema_decay: 0.999 suits ~100 optimizer steps per epoch
+    ema_decay: float = option('weight EMA decay per step, validated and exported; 0 = off', default=0.0)
+    mixup: float = option('probability of MixUp per training batch', default=0.0)
+    cutmix: float = option('probability of CutMix per training batch (MixUp and CutMix never both)', default=0.0)
+    randaugment: int = option('RandAugment operations per training photo; 0 = off', default=0)
+    randaugment_magnitude: int = option('RandAugment magnitude (0-30)', default=9)
+    color_jitter: float = option('ColorJitter strength (applied together with RandAugment); 0 = off', default=0.0)
+    random_erasing: float = option("probability that a training batch gets fastai's RandomErasing; 0 = off",
+                                   default=0.0)
+    lora_rank: int = option('ViT: LoRA rank on attention and MLP projections, merged at export; 0 = off', default=0)
+    lora_alpha: float = option('LoRA scale numerator (updates are scaled by alpha / rank)', default=16.0)
+    patience: int = option('early stopping after this many epochs without better validation accuracy; 0 = off',
+                           default=0)
+    resize_to: int = option('progressive resizing: the size of the last --resize-epochs epochs, and of the '
+                            'delivered file (end at the loader default, 224, for a CNN)', default=0)
+    resize_epochs: int = option('progressive resizing: epochs of the resized phase, at --resize-to, LR / '
+                                '--final-lr-div; 0 = off', default=0)
+    init_from: str = option('start from the trained weights of the same network, head included (a run folder or '
+                            'an exported .pth), then train as from scratch: one phase, everything', default='')
     # Knowledge distillation (distill.py): loss = alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * the
     # recipe's loss + distill_features * (1 - cos) of the projected pooled features.
-    init_from: str = ''            # start from these trained weights of the same network (run folder or exported
-                                   # .pth, head included), then train as from scratch; '' = off
-    teacher: tuple[str, ...] = ()  # teacher run folders or exported .pth files (several: their averaged
-                                   # probabilities at temperature T teach); () = no distillation
-    distill_alpha: float = 0.5
-    distill_temperature: float = 1.0
-    distill_features: float = 0.0
-    teacher_size: int = 0          # the teachers' input size (the student's batch resized); 0 = the student's,
-                                   # -1 (OWN_SIZE) = each teacher's own training size
-    cache_size: int = 0            # > 0: photos decoded once into memory at this size (px) and augmented as batches
-                                   # of tensors (photo_cache.py); 0: decoded from disk, augmented one by one, each epoch
-    split_seed: int = -1           # the split's own seed, -1 = `seed`: students of several seeds on their teacher's
-                                   # split (another split would put the teacher's training photos in validation)
+    teacher: tuple[str, ...] = option('distil from this teacher: a run folder (e.g. runs/lite0, trained with '
+                                      '`train.py teacher`) or an exported cnn/vit .pth; several: their averaged '
+                                      'probabilities at --distill-temperature', default=(), group='distillation')
+    distill_alpha: float = option('weight of the KL term (1 - alpha: the recipe loss)', default=0.5,
+                                  group='distillation')
+    distill_temperature: float = option('softmax temperature T of the KL term', default=1.0, group='distillation')
+    distill_features: float = option("weight of the feature term (cosine to the teacher's pooled features, through "
+                                     'a projection dropped at export); 0 = logits only', default=0.0,
+                                     group='distillation')
+    teacher_size: int = option("the teachers' input size (the student's batch resized); 0 = the student's, -1 = "
+                               "each teacher's own training size", default=0, group='distillation')   # -1: OWN_SIZE
+    cache_size: int = option('decode every photo once into memory at this size (px; at least the largest training '
+                             'size) and augment batches as tensors; 0 = from disk', default=0)   # photo_cache.py
+    # -1: students of several seeds train on their teacher's split (another split would put the teacher's training
+    # photos in validation)
+    split_seed: int = option("the split's own seed (e.g. a teacher's split for students of several seeds); -1 = "
+                             '--seed', default=-1)
 
     def __post_init__(self):
         # config.json holds a list; runs saved before several teachers were possible, a string ('' = none)
