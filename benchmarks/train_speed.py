@@ -61,8 +61,8 @@ def make_learner(args, size: int, fast: bool):
                           split_seed=0, cache_size=args.cache_size if fast else 0)
     learn, _ = prepare_learner(recipe, args.data, tempfile.mkdtemp(prefix='train-speed-'), pretrained=False,
                                split='stratified', limit_items=args.limit)
-    from flowers_fastai.callbacks import MixUpCutMix, WeightEMA
-    from flowers_fastai.distill import Distillation, Teacher
+    from flowers_fastai.callbacks import Distillation, MixUpCutMix, WeightEMA
+    from flowers_fastai.distill import Teacher
     distill = Distillation(Teacher(build_timm_classifier(args.teacher), (0.5,) * 3, (0.5,) * 3, args.teacher_size),
                            (IMAGENET_MEAN, IMAGENET_STD))
     distill.channels_last = fast   # today: the teacher in NCHW, as before the lever

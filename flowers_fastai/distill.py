@@ -1,4 +1,4 @@
-"""Knowledge distillation as a fastai callback (Hinton et al. 2015; Beyer et al. 2022, "Knowledge distillation: A good
+"""Knowledge distillation's losses and pieces (Hinton et al. 2015; Beyer et al. 2022, "Knowledge distillation: A good
 teacher is patient and consistent"): a frozen teacher sees exactly the student's augmented and mixed batch, and
 the loss becomes
 
@@ -7,8 +7,9 @@ the loss becomes
 
 The feature term (FitNets-style) regresses the teacher's pooled features (the input of its classifier) from the
 student's through a linear projection, `model.distill_head`, that trains with the student's head and is dropped
-at export. fastai ships no distillation callback; timm's distillation lives in its training script, not in a
-reusable piece, hence this one.
+at export. The fastai callback that applies them during training is `callbacks.Distillation` (fastai ships none;
+timm's distillation lives in its training script, not in a reusable piece). It also reads teachers back
+(`load_teacher`: a run folder of any family, or an exported file).
 """
 from __future__ import annotations
 
@@ -18,15 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from fastai.callback.mixup import MixHandler
-from fastai.vision.all import Callback
 from torch import nn
 
 from .delivery import DELIVERIES, delivery_of
 from .families import get_family
 from .run_folder import DISTILL_HEAD, load_weights, read_run_config, resolve_run
 from .sidecar import Sidecar
-from .teachers import classifier_of, feature_dim
+from .teachers import feature_dim
 
 
 
@@ -117,20 +116,6 @@ def _teacher_from_export(path: Path, state: dict[str, torch.Tensor]) -> tuple[nn
     return model.eval(), {'mean': list(pp.mean), 'std': list(pp.std), 'size': pp.size}
 
 
-class _PooledFeatures:
-    """Keeps the input of a model's classifier (its pooled features) from the last forward pass."""
-
-    def __init__(self, model: nn.Module):
-        self.value = None
-        self.handle = classifier_of(model).register_forward_pre_hook(self._keep)
-
-    def _keep(self, module, inputs):
-        self.value = inputs[0]
-
-    def remove(self):
-        self.handle.remove()
-
-
 @dataclass
 class Teacher:
     """A frozen teacher network and the input it wants: its normalisation and its size (None: the student's)."""
@@ -138,88 +123,3 @@ class Teacher:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     size: int | None = None
-
-
-class Distillation(Callback):
-    """Distil `teachers` into the learner's model during training (validation is left untouched); several teachers
-    teach their averaged probabilities at the distillation temperature.
-
-    `student_stats`: the (mean, std) the student's input is normalised with; each teacher's input is the
-    student's batch, un-normalised and normalised again with its own statistics, resized to its own size when
-    it has one (a lower resolution makes the teacher's forward cheaper; a higher one may suit it better)."""
-    order = MixHandler.order + 1   # before_batch after MixUp / CutMix: the teacher sees the mixed batch
-    run_valid = False
-    channels_last = True   # on CPU, teachers run channels_last: oneDNN's convolutions are 1.4-1.5x faster so
-
-    def __init__(self, teachers: Teacher | list[Teacher], student_stats, alpha: float = 0.5,
-                 temperature: float = 1.0, feature_weight: float = 0.0):
-        teachers = [teachers] if isinstance(teachers, Teacher) else list(teachers)
-        if not teachers:
-            raise ValueError('distillation needs at least one teacher')
-        if not 0 <= alpha <= 1:
-            raise ValueError(f'distill alpha must be in [0, 1], not {alpha}')
-        if temperature <= 0:
-            raise ValueError(f'distill temperature must be positive, not {temperature}')
-        if feature_weight and len(teachers) > 1:
-            raise ValueError('feature distillation matches one teacher\'s features: give one teacher, or '
-                             'distill_features 0 for an ensemble')
-        self.teachers, self.alpha, self.temperature = teachers, alpha, temperature
-        self.feature_weight = feature_weight
-        self.student_stats = [torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in student_stats]
-        self.target = self.teacher_input = None
-
-    @property
-    def teacher(self) -> nn.Module:
-        """The first teacher's network (the one feature distillation matches)."""
-        return self.teachers[0].model
-
-    def before_fit(self):
-        device = self.dls.device
-        for teacher in self.teachers:
-            teacher.model.to(device).eval().requires_grad_(False)
-            if self._channels_last(device):   # docs/speed.md, "Training step"
-                teacher.model.to(memory_format=torch.channels_last)
-        self.student_stats = [s.to(device) for s in self.student_stats]
-        self.teacher_stats = [[torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-                               for v in (t.mean, t.std)] for t in self.teachers]   # once, not per batch
-        self.hooks = None
-        if self.feature_weight:
-            if not hasattr(self.learn.model, DISTILL_HEAD):
-                raise ValueError('feature distillation needs the student built with attach_distill_head')
-            self.hooks = (_PooledFeatures(self.learn.model), _PooledFeatures(self.teacher))
-
-    def _teacher_view(self, x: torch.Tensor, teacher: Teacher, stats) -> torch.Tensor:
-        (s_mean, s_std), (t_mean, t_std) = self.student_stats, stats
-        x = (x.float() * s_std + s_mean - t_mean) / t_std
-        if teacher.size and teacher.size != x.shape[-1]:
-            x = F.interpolate(x, size=(teacher.size, teacher.size), mode='bilinear', antialias=True,
-                              align_corners=False)
-        return x.contiguous(memory_format=torch.channels_last) if self._channels_last(x.device) else x
-
-    def _channels_last(self, device) -> bool:
-        return self.channels_last and torch.device(device).type == 'cpu'
-
-    def before_batch(self):
-        logits = []
-        with torch.no_grad():
-            for teacher, stats in zip(self.teachers, self.teacher_stats):
-                self.teacher_input = self._teacher_view(self.xb[0], teacher, stats)
-                logits.append(teacher.model(self.teacher_input))
-            self.target = ensemble_log_probs(logits, self.temperature)
-
-    def after_loss(self):
-        loss = self.alpha * kd_loss_to(self.pred, self.target, self.temperature)
-        if self.alpha < 1:
-            loss = loss + (1 - self.alpha) * self.learn.loss_grad
-        if self.hooks:
-            student_features, teacher_features = (h.value for h in self.hooks)
-            projected = getattr(self.learn.model, DISTILL_HEAD)(student_features)
-            loss = loss + self.feature_weight * feature_loss(projected, teacher_features)
-        self.learn.loss_grad = loss
-        self.learn.loss = loss.detach().clone()
-
-    def after_fit(self):
-        if self.hooks:
-            for hook in self.hooks:
-                hook.remove()
-            self.hooks = None

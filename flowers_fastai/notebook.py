@@ -1,10 +1,11 @@
 """The notebook face of training: the fastai `Learner` that `train.py` trains, to explore as in the fastai course
 (`learn.dls.show_batch()`, `learn.lr_find()`, `ClassificationInterpretation.from_learner(learn)`), and the
-recipe's phases run on it. docs/notebook.ipynb walks through it.
+recipe's phases run on it with `learn.fit_recipe()`, a `Learner` method as fastai's own `fine_tune` is (patched on
+when this module is imported). docs/notebook.ipynb walks through it.
 
     learn = learner('cnn', 'path/to/flowers', arch='convnextv2_atto', size=128)
     learn.lr_find()
-    fit_recipe(learn)
+    learn.fit_recipe()
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from dataclasses import fields
 from pathlib import Path
 
 from fastai.learner import Learner
+from fastcore.basics import patch
 
 from . import training
+from .callbacks import RunRecipe
 from .recipes import RECIPES, Phase, Recipe
 
 # Besides the recipe's fields, what train.py's command line also decides about the Learner, with its defaults.
@@ -28,13 +31,14 @@ RECIPE_FIELDS = tuple(f.name for f in fields(Recipe) if f.name != 'family')   # 
 def learner(family: str, data: str | Path | list, **overrides) -> Learner:
     """The fastai Learner (with its DataLoaders) that `train.py <family> --data <data>` would train: the same
     seeded split, DataBlock, model, loss, optimizer, splitter (for the layer-wise LRs) and callbacks, frozen as
-    the recipe's first phase trains it (the head only, when pretrained), as `vision_learner` gives it.
+    the recipe's first phase trains it (the head only, when pretrained), as `vision_learner` gives it. It carries
+    the recipe, the starting weights and config.json's content in its `RunRecipe` callback, `learn.run_recipe`.
 
     `data`: a folder of class folders, or a list of several (each split on its own, accuracy also reported per
     folder, as `train.py --data A B`).
     `overrides`: recipe fields (`arch`, `size`, `bs`, `epochs`, ... see flowers_fastai/recipes.py) and
     `pretrained` (True: the published weights, downloaded; a path: a local copy of them; False: from scratch),
-    `run_dir` (where `fit_recipe` writes the run, as train.py's runs/<name>; default: a new temporary folder),
+    `run_dir` (where `learn.fit_recipe()` writes the run, as train.py's runs/<name>; default: a new temporary folder),
     `limit`, `split`, `num_workers` (as train.py's --limit, --split, --num-workers).
     """
     if family not in RECIPES:
@@ -57,30 +61,37 @@ def learner(family: str, data: str | Path | list, **overrides) -> Learner:
         if (run_dir / 'models').exists():   # as train.py: a run folder holds one run
             raise FileExistsError(f'{run_dir} already holds a run: pass another run_dir')
         run_dir.mkdir(parents=True, exist_ok=True)
-    learn, config = training.prepare_learner(recipe, data, run_dir, pretrained=pretrained, split=options['split'],
-                                             num_workers=options['num_workers'], limit_items=options['limit'])
+    learn, _ = training.prepare_learner(recipe, data, run_dir, pretrained=pretrained, split=options['split'],
+                                        num_workers=options['num_workers'], limit_items=options['limit'])
     training.freeze_for_phase(learn, recipe, pretrained)
-    # what fit_recipe needs to run the phases as train.py does (and to write config.json for export.py)
-    learn.recipe, learn.pretrained, learn.run_config = recipe, pretrained, config
     return learn
+
+
+def _run_recipe(learn: Learner) -> RunRecipe:
+    """The recipe `learn` trains (its `RunRecipe` callback), or a TypeError for a Learner made otherwise."""
+    run = getattr(learn, 'run_recipe', None)
+    if not isinstance(run, RunRecipe):
+        raise TypeError('fit_recipe trains a Learner made by flowers_fastai.learner(...)')
+    return run
 
 
 def phases(learn: Learner) -> list[Phase]:
     """The recipe's phases for `learn`, in order (`recipes.Phase`: name, epochs, how many parameter groups from
     the top train, LR divisor, ...)."""
-    return training.recipe_phases(learn.recipe, learn.pretrained)
+    run = _run_recipe(learn)
+    return training.recipe_phases(run.recipe, run.pretrained)
 
 
-def fit_recipe(learn: Learner) -> Learner:
-    """Train `learn` (from `learner`) through the recipe's phases exactly as train.py does, into `learn.path`:
-    models/best.pth, history.csv, config.json, confusion_matrix.{csv,png}, metrics.json; `python export.py --run
-    <learn.path>` delivers it. Returns `learn`, holding the best epoch's weights."""
-    if not hasattr(learn, 'recipe'):
-        raise TypeError('fit_recipe trains a Learner made by flowers_fastai.learner(...)')
-    if training.resume_point_path(learn.path).exists():
-        raise FileExistsError(f'{learn.path} already holds a trained run: make a new learner to train again')
+@patch
+def fit_recipe(self: Learner) -> Learner:
+    """Train this Learner (from `flowers_fastai.learner`) through the recipe's phases exactly as train.py does,
+    into `self.path`: models/best.pth, history.csv, config.json, confusion_matrix.{csv,png}, metrics.json;
+    `python export.py --run <self.path>` delivers it. Returns the Learner, holding the best epoch's weights."""
+    run = _run_recipe(self)
+    if training.resume_point_path(self.path).exists():
+        raise FileExistsError(f'{self.path} already holds a trained run: make a new learner to train again')
     with _notebook_plots_kept():
-        return training.run_phases(learn, learn.recipe, learn.pretrained, config=learn.run_config)
+        return training.run_phases(self, run.recipe, run.pretrained, config=run.config)
 
 
 @contextmanager

@@ -1,9 +1,8 @@
 """Training glue: a run folder, a fastai Learner, the fine-tuning phases, resume, data-parallel training, and the
-run's reports."""
+run's reports. The callbacks it puts on the Learner are in callbacks.py, the checkpoint files in checkpoints.py."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 import warnings
@@ -14,27 +13,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.torch_core import distrib_barrier, get_model, num_distrib, rank_distrib
-from fastai.vision.all import (Adam, Callback, ClassificationInterpretation, CrossEntropyLossFlat, CSVLogger,
-                               EarlyStoppingCallback, GradientAccumulation, GradientClip, Learner, Metric,
-                               SaveModelCallback, accuracy, default_device, set_seed)
+from fastai.torch_core import num_distrib, rank_distrib
+from fastai.vision.all import (Adam, ClassificationInterpretation, CrossEntropyLossFlat, GradientAccumulation,
+                               GradientClip, Learner, accuracy, default_device, set_seed)
 
-from .callbacks import MixUpCutMix, StopOnNonFinite, TrainingDiverged, WeightEMA
+from .callbacks import (BestCheckpoint, Distillation, EarlyStopping, FolderAccuracy, HistoryCSV, MixUpCutMix,
+                        ProgressiveResize, ResumableCheckpoint, RunRecipe, StopOnNonFinite, TrainingDiverged,
+                        WeightEMA, folder_metrics)
+from .checkpoints import (BEST, LAST, RESUME_TODO, read_resume_point, restore_checkpoint, resume_point_path,
+                          save_resume_point)
 from .data import DatasetError, flower_dataloaders, split_photos
-from .run_folder import VALID_ITEMS, RunFolderError, atomic_write, load_checkpoint, read_json, write_json
+from .run_folder import VALID_ITEMS, RunFolderError, atomic_write, read_json, write_json
 from .labels import CLASSES
-from .lora import has_lora, merge_lora, merge_lora_state
-from .distill import Distillation, Teacher, attach_distill_head, with_distill_head
+from .lora import has_lora, merge_lora
+from .distill import Teacher, attach_distill_head, load_teacher, with_distill_head
 from .families import get_family
 from .metrics import accuracy_by_class, confusion_matrix
 from .models import create_model, layerwise_lrs
 from .preprocess import Preprocessing
 from .photo_cache import PhotoCache, cached_datablock
 from .recipes import OWN_SIZE, Phase, Recipe, recipe_phases
-from .distill import load_teacher
-
-BEST, LAST = 'best', 'last'   # checkpoint names under <run>/models/
-RESUME_TODO = 'this run cannot continue: train it again under another --name (or delete its folder first)'
 
 
 def preprocessing_for(recipe: Recipe, size: int | None = None) -> Preprocessing:
@@ -46,130 +44,6 @@ def preprocessing_for(recipe: Recipe, size: int | None = None) -> Preprocessing:
 def delivery_preprocessing(recipe: Recipe) -> Preprocessing:
     """What the delivered file is fed: the size the run ends at (progressive resizing's, when on)."""
     return preprocessing_for(recipe, recipe.resize_to if recipe.resize_epochs else None)
-
-
-def _skipped(learn: Learner) -> bool:
-    """True after an epoch that fastai's `start_epoch` skipped on resume (it records an empty row)."""
-    return not learn.recorder.values or not len(learn.recorder.values[-1])
-
-
-class BestCheckpoint(SaveModelCallback):
-    """SaveModelCallback on validation accuracy that ignores the epochs skipped on resume."""
-
-    def __init__(self, best: float | None = None, recipe: Recipe | None = None):
-        super().__init__(monitor='accuracy', fname=BEST, reset_on_fit=False)
-        self.best, self.recipe = best, recipe
-
-    def after_epoch(self):
-        if not _skipped(self.learn):
-            super().after_epoch()
-
-    def _save(self, name):
-        if not rank_distrib():   # atomically: an interrupted write never leaves a truncated best.pth
-            self.last_saved_path = _save_checkpoint(self.learn, name, with_opt=self.with_opt)
-
-    def after_fit(self, **kwargs):
-        # fastai's after_fit reloads the best weights with torch.load(weights_only=False), which runs the code
-        # of a crafted best.pth: the same reload here, read with weights_only=True (and across a LoRA merge).
-        _load_checkpoint(self.learn, self.fname, self.recipe, with_opt=False)
-
-
-class EarlyStopping(EarlyStoppingCallback):
-    """fastai's EarlyStoppingCallback on validation accuracy, ignoring the epochs skipped on resume."""
-
-    def __init__(self, patience: int):
-        super().__init__(monitor='accuracy', comp=np.greater, patience=patience)
-
-    def after_epoch(self):
-        if not _skipped(self.learn):
-            super().after_epoch()
-
-
-class HistoryCSV(CSVLogger):
-    """fastai's CSVLogger, with a `phase` column and one header for the whole run (phases and resumes
-    append to the same file)."""
-
-    def __init__(self, phase: str, fname='history.csv'):
-        super().__init__(fname, append=True)
-        self.phase = phase
-
-    def before_fit(self):
-        if hasattr(self, 'gather_preds') or rank_distrib():   # one history, written by the main process
-            self.run = False
-            return
-        path = self.path / self.fname
-        new = not path.exists() or path.stat().st_size == 0
-        self.file = path.open('a')
-        if new:
-            self.file.write(','.join(['phase', *self.recorder.metric_names]) + '\n')
-        self.old_logger, self.learn.logger = self.logger, self._write_line
-
-    def _write_line(self, log):
-        if _skipped(self.learn):
-            return self.old_logger(log)
-        self.file.write(','.join([self.phase, *map(str, log)]) + '\n')
-        self.file.flush()
-        self.old_logger(log)
-
-
-class ResumableCheckpoint(Callback):
-    """After every epoch, the run's one resume point, models/last.pth: weights, optimizer, weight EMA and the
-    position (phase, epoch, best accuracy so far), so that `--resume` continues an interrupted run from its last
-    finished epoch. fastai's `SaveModelCallback(every_epoch=True, with_opt=True)` writes one file per epoch with
-    weights and optimizer only; a single rolling file that also holds the EMA and the position needs this."""
-    order = WeightEMA.order + 1   # after the EMA put the training weights back: those are what resume needs
-
-    def __init__(self, phase_index: int, tracker: BestCheckpoint, ema: WeightEMA | None = None):
-        self.phase_index, self.tracker, self.ema = phase_index, tracker, ema
-
-    def after_epoch(self):
-        if _skipped(self.learn) or rank_distrib():
-            return
-        _save_resume_point(self.learn, self.phase_index, self.epoch, self.tracker.best, self.ema)
-
-
-def _save_resume_point(learn: Learner, phase: int, epoch: int, best, ema: WeightEMA | None) -> Path:
-    """models/last.pth: fastai's `save(with_opt=True)` layout ({'model', 'opt'}) plus the EMA and the position,
-    in one file written atomically, so that weights, average and position always belong to the same epoch.
-    `epoch` -1: phase `phase` has not started."""
-    position = {'phase': phase, 'epoch': epoch, 'best': _finite(best)}
-    if ema is not None:
-        position['ema'] = ema.state()
-    return _save_checkpoint(learn, LAST, with_opt=True, extra=position)
-
-
-class FolderAccuracy(Metric):
-    """Validation accuracy on the photos of one data folder, for runs on several folders: the first folder's is
-    the number comparable with runs on that folder alone (`split_photos` gives it the same split). fastai's
-    metrics see predictions and targets only; the folder of each validation photo comes from the validation
-    DataLoader's items, which it reads in order (it never shuffles)."""
-
-    def __init__(self, source: int, name: str):
-        self.source, self._name = source, f'accuracy_{name}'
-
-    @property
-    def name(self):
-        return self._name
-
-    def reset(self):
-        self.seen = self.correct = self.total = 0
-
-    def accumulate(self, learn):
-        n = len(learn.y)
-        sources = torch.tensor(learn.dl.items['source'].to_numpy()[self.seen:self.seen + n])
-        self.seen += n
-        mine = (sources == self.source).to(learn.y.device)
-        self.correct += int(((learn.pred.argmax(-1) == learn.y) & mine).sum())
-        self.total += int(mine.sum())
-
-    @property
-    def value(self):
-        return self.correct / self.total if self.total else None
-
-
-def folder_metrics(names: list[str]) -> list[FolderAccuracy]:
-    """One accuracy per data folder when there are several (none for one: `accuracy` is that folder's)."""
-    return [FolderAccuracy(k, name) for k, name in enumerate(names)] if len(names) > 1 else []
 
 
 def teacher_input_size(recipe: Recipe, teacher_preprocessing: dict) -> int | None:
@@ -199,72 +73,6 @@ def _phase_lrs(learn: Learner, recipe: Recipe, phase: Phase):
         return head_lr / phase.lr_div
     n_groups = len(learn.splitter(learn.model))
     return layerwise_lrs(n_groups, head_lr, head_lr / recipe.backbone_lr_div, recipe.llrd) / phase.lr_div
-
-
-def _finite(x) -> float | None:
-    """A number for JSON (the resume point, metrics.json): None where there is none (-inf before any epoch, NaN)."""
-    return float(x) if x is not None and math.isfinite(float(x)) else None
-
-
-def _plain(obj):
-    """fastai's optimizer state with its fastcore `L` lists as plain lists and NumPy scalars as Python numbers:
-    tensors, numbers and plain containers only, what `torch.load(weights_only=True)` reads without extra globals."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) or type(obj).__name__ == 'L':
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.generic):   # the schedulers' NumPy floats (lr, mom) as Python numbers
-        return obj.item()
-    return obj
-
-
-def _save_checkpoint(learn: Learner, name: str, with_opt: bool, extra: dict | None = None) -> Path:
-    """fastai's `learn.save` (same layout: the state_dict, or {'model', 'opt'}, + `extra` entries), written to a
-    temporary file and renamed over the old one, so that an interrupted write leaves the previous checkpoint
-    whole."""
-    path = learn.path / learn.model_dir / f'{name}.pth'
-    state = get_model(learn.model).state_dict()
-    if with_opt or extra:
-        state = {'model': state, **(extra or {})}
-        if with_opt and learn.opt is not None:
-            state['opt'] = _plain(learn.opt.state_dict())
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-    return path
-
-
-def _load_checkpoint(learn: Learner, name: str, recipe: Recipe | None, with_opt: bool,
-                     saved: dict | None = None) -> None:
-    """fastai's `learn.load`, read with `weights_only=True` (a crafted checkpoint is refused, none of its code
-    runs; a truncated or missing one is a `RunFolderError` naming it), also across a LoRA merge: a merged
-    checkpoint (saved during the light full fine-tune) makes a LoRA model merge first; a LoRA checkpoint for a
-    merged model (a best epoch from before the merge) is merged on the fly, without optimizer state, which
-    belonged to the LoRA updates. `saved`: the file's content, when it was read already."""
-    from fastcore.foundation import L
-    path = learn.path / learn.model_dir / f'{name}.pth'
-    if saved is None:
-        distrib_barrier()   # as in fastai's load: under data-parallel training the main process has written it
-        saved = load_checkpoint(path, RESUME_TODO, map_location=getattr(learn.dls, 'device', None) or 'cpu')
-    nested = isinstance(saved.get('model'), dict)   # {'model', 'opt', ...}: fastai's save(with_opt=True) layout
-    has_opt = nested and 'opt' in saved
-    state = saved['model'] if nested else saved
-    try:
-        if recipe is not None and recipe.lora_rank:
-            if has_lora(learn.model) and not has_lora(state):
-                merge_lora(learn.model)
-                learn.opt = None   # built again below, over the merged weights
-            elif has_lora(state) and not has_lora(learn.model):
-                learn.model.load_state_dict(merge_lora_state(state, recipe.lora_alpha))
-                return
-        if learn.opt is None:
-            learn.create_opt()
-        get_model(learn.model).load_state_dict(state)
-        if with_opt and has_opt:
-            learn.opt.load_state_dict({**saved['opt'], 'hypers': L(saved['opt']['hypers'])})
-        elif with_opt:
-            warnings.warn(f'{path} holds no optimizer state: the optimizer starts afresh')
-    except (RuntimeError, KeyError, TypeError, AssertionError, AttributeError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RunFolderError(f'{path} does not fit this run\'s model ({first_line}): {RESUME_TODO}') from None
 
 
 def _set_trainable(learn: Learner, trainable: int | None) -> None:
@@ -333,7 +141,7 @@ def prepare_learner(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, p
     if recipe.distill_features and teachers:
         attach_distill_head(model, teachers[0][0])
     learn = make_learner(recipe, dls, model, Path(run_dir), folder_metrics(photos.names))
-    learn.dataloaders_at, learn.dls_size = dataloaders_at, pp.size
+    learn.add_cb(ProgressiveResize(dataloaders_at, pp.size))
     if teachers:
         learn.add_cb(Distillation([Teacher(net, tuple(tpp['mean']), tuple(tpp['std']), teacher_input_size(recipe, tpp))
                                    for net, tpp in teachers], (pp.mean, pp.std), alpha=recipe.distill_alpha,
@@ -344,6 +152,7 @@ def prepare_learner(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, p
               'n_train': len(dls.train_ds), 'n_valid': len(dls.valid_ds),
               'pretrained': str(pretrained) if pretrained else False, 'torch': torch.__version__}
     config.update(get_family(recipe.family).network_config(model))   # e.g. the ViT's tower shape
+    learn.add_cb(RunRecipe(recipe, pretrained, config))   # what learn.fit_recipe() trains (notebook.py)
     return learn, config
 
 
@@ -408,31 +217,11 @@ def run_phases(learn: Learner, recipe: Recipe, pretrained: bool | str | Path, co
     if not (run_dir / 'models' / f'{BEST}.pth').exists():
         raise RunFolderError(f'no epoch was trained, so there is no {run_dir / "models" / f"{BEST}.pth"} to report on: '
                              f'{RESUME_TODO}')
-    _load_checkpoint(learn, BEST, recipe, with_opt=False)   # every process: fastai's load is a barrier
+    restore_checkpoint(learn, BEST, recipe, with_opt=False)   # every process: fastai's load is a barrier
     if main_process:
         with _this_process_only():
             report_run(learn, run_dir, seconds=time.time() - started)
     return learn
-
-
-def resume_point_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / 'models' / f'{LAST}.pth'
-
-
-def read_resume_point(path: Path, map_location='cpu') -> dict:
-    """models/last.pth (`_save_resume_point`), read with weights_only and checked: a broken one is a sentence
-    naming it, not a KeyError later."""
-    state = load_checkpoint(path, RESUME_TODO, map_location=map_location)
-    ema = state.get('ema')
-    ok = (isinstance(state.get('model'), dict) and isinstance(state.get('phase'), int) and state['phase'] >= 0
-          and isinstance(state.get('epoch'), int) and state['epoch'] >= -1
-          and (state.get('best') is None or isinstance(state['best'], (int, float)))
-          and (ema is None or (isinstance(ema, dict) and isinstance(ema.get('ema'), dict)
-                               and isinstance(ema.get('steps'), int))))
-    if not ok:
-        raise RunFolderError(f'{path} is not a resume point (model, optimizer, phase, epoch, best, EMA): '
-                             f'{RESUME_TODO}')
-    return state
 
 
 @contextmanager
@@ -497,7 +286,7 @@ def _fit_phases(learn, recipe, pretrained, state, tracker, ema, recipe_cbs):
             continue
         start_epoch = 0
         if resuming and i == state['phase']:   # the weights and optimizer of that epoch (the EMA has its own)
-            _load_checkpoint(learn, LAST, recipe, with_opt=True, saved=state)
+            restore_checkpoint(learn, LAST, recipe, with_opt=True, saved=state)
             state.pop('model'), state.pop('opt', None)   # loaded: no second copy held for the whole run
             start_epoch = state['epoch'] + 1
             if start_epoch >= phase.epochs:
@@ -508,8 +297,7 @@ def _fit_phases(learn, recipe, pretrained, state, tracker, ema, recipe_cbs):
             learn.opt = None          # a new optimizer over the merged weights
         if phase.size and start_epoch == 0:
             tracker.best = None   # best.pth is delivered at this size: only epochs at this size compete for it
-        if phase.size and learn.dls_size != phase.size:
-            learn.dls, learn.dls_size = learn.dataloaders_at(phase.size), phase.size
+        if phase.size and learn.progressive_resize.resize(phase.size):
             print(f'Phase {phase.name}: photos at {phase.size} px')
         _set_trainable(learn, phase.trainable)
         cbs = [tracker, ResumableCheckpoint(i, tracker, ema), HistoryCSV(phase.name), StopOnNonFinite(), *recipe_cbs]
@@ -520,7 +308,7 @@ def _fit_phases(learn, recipe, pretrained, state, tracker, ema, recipe_cbs):
         learn.fit_one_cycle(phase.epochs, _phase_lrs(learn, recipe, phase), pct_start=recipe.warmup_pct,
                             start_epoch=start_epoch, cbs=cbs)
         if not rank_distrib():   # the phase is done (early stopping included): a resume starts the next one
-            _save_resume_point(learn, i + 1, -1, tracker.best, ema)
+            save_resume_point(learn, i + 1, -1, tracker.best, ema.state() if ema else None)
 
 
 def find_lr(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained: bool | str | Path = True,

@@ -117,7 +117,7 @@ def set_resume_position(run: Path, phase: int, epoch: int, best=None) -> None:
 def interrupt_after_first_epoch(monkeypatch):
     """Make training stop with a KeyboardInterrupt right after its first epoch's resume point is written, as
     an interrupted run would; returns the function that puts training back."""
-    from flowers_fastai.training import ResumableCheckpoint
+    from flowers_fastai.callbacks import ResumableCheckpoint
     original = ResumableCheckpoint.after_epoch
 
     def crash_after_first_epoch(self):

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from flowers_fastai.architectures import ArchitectureError, load_exactly
-from flowers_fastai.distill import DISTILL_HEAD, Distillation, kd_loss
+from flowers_fastai.callbacks import Distillation
+from flowers_fastai.distill import DISTILL_HEAD, kd_loss
 from flowers_fastai.exporting import export_run
 from flowers_fastai.labels import CLASSES
 from flowers_fastai.models import create_model

@@ -13,13 +13,13 @@ PACKAGE = REPO / 'flowers_fastai'
 
 # The delivery core: submit, the preprocessing, the delivered networks and their registry, inference, and the
 # command-line tools over delivered files. `recipes` and `labels` are plain data that both layers share.
-CORE = {'labels', 'recipes', 'data_files', 'preprocess', 'architectures', 'inference', 'inference_nets',
-        'weights_io', 'sidecar', 'delivery', 'delivery.entry', 'delivery.cnn', 'delivery.vit', 'submit', 'calibration', 'metrics',
-        'predict', 'evaluate', 'app'}
+CORE = {'labels', 'recipes', 'run_config', 'data_files', 'preprocess', 'architectures', 'inference',
+        'inference_nets', 'weights_io', 'sidecar', 'delivery', 'delivery.entry', 'delivery.cnn', 'delivery.vit',
+        'submit', 'calibration', 'metrics', 'predict', 'evaluate', 'app'}
 # The training side: may import the core, never the other way round.
-TRAINING = {'families', 'families.entry', 'families.cnn', 'families.vit', 'families.teacher', 'training', 'notebook', 'callbacks',
-            'data', 'photo_cache', 'audit', 'exporting', 'run_folder', 'teachers', 'distill', 'lora', 'models',
-            'pretrained', 'experiments'}
+TRAINING = {'families', 'families.entry', 'families.cnn', 'families.vit', 'families.teacher', 'training',
+            'notebook', 'callbacks', 'checkpoints', 'data', 'photo_cache', 'audit', 'exporting', 'run_folder',
+            'teachers', 'distill', 'lora', 'models', 'pretrained', 'experiments', 'recipe_options'}
 # Third-party packages the core never imports, not even inside a function.
 TRAINING_LIBRARIES = {'fastai', 'fastcore', 'sklearn.model_selection', 'imagehash', 'huggingface_hub'}
 

@@ -139,7 +139,8 @@ def test_lora_run_resumes_across_the_merge(colour_folder, tmp_path, tiny_clip_na
     from flowers_fastai.exporting import export_run
     from flowers_fastai.lora import has_lora
     from flowers_fastai.submit import load_vit_model
-    from flowers_fastai.training import ResumableCheckpoint, train
+    from flowers_fastai.callbacks import ResumableCheckpoint
+    from flowers_fastai.training import train
     _, stand_in = _stand_in_clip(tiny_clip_name, tmp_path)
     recipe = _lora_then_full_recipe(tiny_clip_name, final_epochs=2)
     original = ResumableCheckpoint.after_epoch

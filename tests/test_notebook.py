@@ -1,5 +1,6 @@
 """The notebook face (flowers_fastai/notebook.py): `learner(family, data, **overrides)` is the Learner train.py
-trains, `fit_recipe` runs the recipe's phases on it, and docs/notebook.ipynb runs top to bottom on a tiny subset."""
+trains, `learn.fit_recipe()` runs the recipe's phases on it, and docs/notebook.ipynb runs top to bottom on a tiny
+subset."""
 from __future__ import annotations
 
 import json
@@ -63,7 +64,7 @@ def test_learner_reads_several_folders_and_reports_each(colour_folder, tmp_path)
                     **TINY)
     assert [m.name for m in learn.metrics] == ['accuracy', f'accuracy_{colour_folder.name}', 'accuracy_second']
     assert set(learn.dls.valid_ds.items.source) == {0, 1}
-    assert learn.run_config['data'] == [str(colour_folder.resolve()), str(second.resolve())]
+    assert learn.run_recipe.config['data'] == [str(colour_folder.resolve()), str(second.resolve())]
 
 
 def test_learner_overrides_land_in_the_model_and_the_dataloaders(colour_folder, tmp_path):
@@ -75,7 +76,7 @@ def test_learner_overrides_land_in_the_model_and_the_dataloaders(colour_folder, 
         xb, yb = dl.one_batch()
         assert tuple(xb.shape) == (4, 3, 48, 48) and len(yb) == 4
     assert len(learn.dls.train_ds) + len(learn.dls.valid_ds) == 40               # limit
-    assert (learn.recipe.lr, learn.recipe.epochs) == (3e-3, 4)
+    assert (learn.run_recipe.recipe.lr, learn.run_recipe.recipe.epochs) == (3e-3, 4)
     assert phases(learn) == [Phase('scratch', epochs=4, trainable=None, lr_div=1.0, layerwise=False)]
 
 
@@ -87,7 +88,7 @@ def test_pretrained_file_loads_the_backbone_and_freezes_it_for_the_frozen_phase(
     assert all(torch.equal(state[k], v) for k, v in source.items() if not k.startswith('head.fc.'))
     assert _trains(learn) == [False] * 5 + [True]   # as vision_learner gives it: the head only
     assert [p.name for p in phases(learn)] == ['frozen', 'full']
-    assert learn.run_config['pretrained'] == str(path)
+    assert learn.run_recipe.config['pretrained'] == str(path)
 
     scratch = learner('cnn', colour_folder, pretrained=False, run_dir=tmp_path / 'b', **TINY)
     assert not torch.equal(scratch.model.state_dict()['stem.0.weight'], source['stem.0.weight'])
@@ -109,12 +110,12 @@ def test_unknown_override_is_a_type_error_naming_the_valid_ones(tmp_path):
 
 def test_fit_recipe_trains_the_phases_into_a_run_folder_once(colour_folder, tmp_path):
     import matplotlib
-    from flowers_fastai.notebook import fit_recipe, learner
+    from flowers_fastai.notebook import learner
     learn = learner('cnn', colour_folder, pretrained=False, run_dir=tmp_path / 'run', epochs=2, patience=0, **TINY)
     backend = matplotlib.get_backend()
     matplotlib.use('svg')   # stands for a notebook's inline backend: the run's reports must not take it away
     try:
-        assert fit_recipe(learn) is learn
+        assert learn.fit_recipe() is learn
         assert matplotlib.get_backend() == 'svg'
     finally:
         matplotlib.use(backend)
@@ -124,17 +125,41 @@ def test_fit_recipe_trains_the_phases_into_a_run_folder_once(colour_folder, tmp_
     assert config['recipe']['arch'] == 'convnextv2_atto' and config['n_valid'] == 12
     assert (tmp_path / 'run' / 'models' / 'best.pth').is_file() and (tmp_path / 'run' / 'metrics.json').is_file()
     with pytest.raises(FileExistsError, match='already holds'):
-        fit_recipe(learn)
+        learn.fit_recipe()
     with pytest.raises(FileExistsError, match='already holds'):
         learner('cnn', colour_folder, pretrained=False, run_dir=tmp_path / 'run', **TINY)
+
+
+def test_fit_recipe_is_a_learner_method_reading_the_recipe_from_a_callback(colour_folder, tmp_path):
+    from fastai.learner import Learner
+    from flowers_fastai.callbacks import ProgressiveResize, RunRecipe
+    from flowers_fastai.notebook import learner, phases
+    assert Learner.fit_recipe.__qualname__ == 'Learner.fit_recipe'   # fastcore's @patch, as fastai's fine_tune
+    learn = learner('cnn', colour_folder, pretrained=False, run_dir=tmp_path / 'run', **TINY)
+    # the run's state lives in callbacks (fastai names them learn.run_recipe, learn.progressive_resize), not in
+    # attributes set on the Learner
+    assert isinstance(learn.run_recipe, RunRecipe) and learn.run_recipe in learn.cbs
+    assert learn.run_recipe.recipe == CNN.override(**TINY) and learn.run_recipe.pretrained is False
+    assert isinstance(learn.progressive_resize, ProgressiveResize) and learn.progressive_resize.dls_size == 32
+    assert not {'recipe', 'pretrained', 'run_config', 'dataloaders_at', 'dls_size'} & set(vars(learn))
+    assert not hasattr(learn, 'recipe')
+
+    plain = Learner(learn.dls, torch.nn.Linear(3, 5))
+    with pytest.raises(TypeError, match=r'made by flowers_fastai\.learner'):
+        plain.fit_recipe()
+    with pytest.raises(TypeError, match=r'made by flowers_fastai\.learner'):
+        phases(plain)
+    assert not (tmp_path / 'run' / 'models').exists()   # nothing was trained
 
 
 def test_package_gives_learner_lazily_without_fastai_on_import():
     code = ("import sys, flowers_fastai, flowers_fastai.submit\n"
             "assert not [m for m in sys.modules if m.split('.')[0] == 'fastai'], 'fastai imported too early'\n"
-            "from flowers_fastai import learner, fit_recipe\n"
+            "from flowers_fastai import learner\n"
             "from flowers_fastai.notebook import learner as real\n"
             "assert learner is real and 'fastai' in sys.modules\n"
+            "from fastai.learner import Learner\n"
+            "assert callable(Learner.fit_recipe)\n"
             "print('OK')")
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, cwd=REPO,
                          env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
