@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     for candidates in jobs:
         for run in candidates:
             try:
-                family = read_run_config(run)['recipe']['family']
+                family = read_run_config(run).family
                 if family not in DELIVERIES:
                     raise RunFolderError(f'{run}: the {family} family is not delivered (only '
                                          f'{", ".join(DELIVERIES)} are)')

@@ -1,6 +1,6 @@
 """Train a flower classifier with fastai: `python train.py cnn|vit --data DIR [options]`.
 
-Defaults are the seed's recipes (flowers_fastai/recipes.py); every option below overrides one of them.
+Defaults are the brief's recipes (flowers_fastai/recipes.py); every option below overrides one of them.
 Each run writes runs/<name>/: models/best.pth (best validation accuracy), history.csv, confusion_matrix.png/.csv,
 config.json, metrics.json. Then `python export.py` turns the best weights into weights/<family>_flowers.pth.
 """
@@ -80,20 +80,26 @@ def main(argv=None) -> int:
         if not args.name or not settings_file.is_file():
             sys.exit(f'--resume needs the --name of a run to continue (no {settings_file})')
         from flowers_fastai.data import data_folders
-        from flowers_fastai.run_folder import read_json
+        from flowers_fastai.run_folder import read_json, read_run_config
+        todo = 'train it again under another --name'
         try:
-            settings = read_json(settings_file, 'train it again under another --name')
-            if not isinstance(settings.get('recipe'), dict):
-                raise ValueError('its "recipe" field is not the object of settings training writes')
-            recipe, args.data = Recipe.from_dict(settings['recipe']), data_folders(settings['data'])
-            pretrained = {'True': True, 'False': False}.get(str(settings['pretrained']), settings['pretrained'])
-            if not isinstance(pretrained, (bool, str)) or not isinstance(settings.get('split', ''), str):
+            if args.seeds:   # experiment.json: the seeds' common settings (recipe, pretrained, data, split)
+                settings = read_json(settings_file, todo)
+                if not isinstance(settings.get('recipe'), dict):
+                    raise ValueError('its "recipe" field is not the object of settings training writes')
+                recipe, data = Recipe.from_dict(settings['recipe']), settings['data']
+                saved_pretrained, split = settings['pretrained'], settings.get('split', 'stratified')
+            else:
+                config = read_run_config(run_dir, todo)
+                recipe, data, saved_pretrained, split = config.recipe, list(config.data), config.pretrained, config.split
+            args.data = data_folders(data)
+            pretrained = {'True': True, 'False': False}.get(str(saved_pretrained), saved_pretrained)
+            if not isinstance(pretrained, (bool, str)) or not isinstance(split, str):
                 raise ValueError('its "pretrained" or "split" field is not what training writes')
             check_recipe(recipe, source='its recipe field')
         except (ValueError, KeyError, TypeError) as err:   # RunFolderError, or fields missing / of another version
-            sys.exit(f'error: {settings_file} cannot be resumed ({type(err).__name__}: {err}); '
-                     'train it again under another --name')
-        args.split = settings.get('split', 'stratified')
+            sys.exit(f'error: {settings_file} cannot be resumed ({type(err).__name__}: {err}); {todo}')
+        args.split = split
     else:
         if args.init_from:   # absolute, so that --resume finds them from anywhere
             args.init_from = str(Path(args.init_from).resolve())

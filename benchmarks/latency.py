@@ -138,7 +138,8 @@ def library_model(family: str, weights: Path) -> torch.nn.Module:
     `submit` served them before inference_nets.py; it predicts through the same preprocessing."""
     from flowers_fastai.architectures import ClipClassifier, build_cnn, infer_clip_spec
     from flowers_fastai.preprocess import cnn_preprocessing, vit_preprocessing
-    state = torch.load(weights, map_location='cpu', weights_only=True)
+    from flowers_fastai.weights_io import read_torch_file
+    state = read_torch_file(weights)
     if family == 'cnn':
         model, pp = build_cnn('convnextv2_tiny'), cnn_preprocessing(224)
     else:

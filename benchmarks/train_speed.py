@@ -3,7 +3,7 @@
     python benchmarks/train_speed.py [--sizes 96 128 160] [--bs 32] [--batches 6] [--data ../shared/data/flowers]
 
 Per student size, it times (median over rounds that alternate the variants, so that a noisy host moves them alike):
-- the whole fastai loop, `learn.fit` over `--batches` training batches of real photos with the seed's
+- the whole fastai loop, `learn.fit` over `--batches` training batches of real photos with the brief's
   regularisation (RandAugment + ColorJitter, MixUp/CutMix, Random Erasing, EMA, gradient clipping) and an
   EfficientNet-Lite0 teacher at `--teacher-size`, in two set-ups:
     today: photos decoded from disk and augmented one by one (`data.flower_datablock`), the teacher in fp32 NCHW;
@@ -54,7 +54,7 @@ def forward_flops(model, size: int) -> int:
 
 
 def make_learner(args, size: int, fast: bool):
-    """A student Learner on real photos with the seed's regularisation and a Lite0 teacher, as train.py builds it."""
+    """A student Learner on real photos with the brief's regularisation and a Lite0 teacher, as train.py builds it."""
     from flowers_fastai.teachers import build_timm_classifier
     from flowers_fastai.training import prepare_learner
     recipe = CNN.override(arch=args.student, size=size, bs=args.bs, epochs=1, drop_path=0.1, ema_decay=0.99,

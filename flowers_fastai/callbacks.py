@@ -26,7 +26,7 @@ from .teachers import classifier_of
 class MixUpCutMix(MixUp):
     """Per training batch, one of: MixUp (probability `p_mixup`), CutMix (`p_cutmix`), or the batch as it is.
 
-    fastai's `MixUp` and `CutMix` each act on every batch; the seed's recipe draws which one to apply. The loss
+    fastai's `MixUp` and `CutMix` each act on every batch; the brief's recipe draws which one to apply. The loss
     stays fastai's: `lerp` of the loss on both label sets, which with label smoothing is cross-entropy on mixed
     smoothed (soft) targets. Unlike timm's `Mixup`, it needs no even batch size.
     """

@@ -295,7 +295,7 @@ class TrainPhotoAugment(Transform):
     """RandAugment then ColorJitter (torchvision) on training photos, after the random crop.
 
     Composed here because timm's `create_transform` silently drops ColorJitter whenever RandAugment is on;
-    the seed's recipe wants both."""
+    the brief's recipe wants both."""
     split_idx, order = 0, 2
 
     def __init__(self, randaugment_ops: int = 2, randaugment_magnitude: int = 9, color_jitter: float = 0.4):

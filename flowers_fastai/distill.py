@@ -97,9 +97,9 @@ def read_trained_weights(source: Path) -> tuple[dict[str, torch.Tensor], Path]:
 
 def _teacher_from_run(run_dir: Path, state: dict[str, torch.Tensor], best: Path) -> tuple[nn.Module, dict]:
     config = read_run_config(run_dir)
-    model = get_family(config['recipe']['family']).trained_network(config, state, str(best))
-    pp = config['preprocessing']
-    return model.eval(), {'mean': list(pp['mean']), 'std': list(pp['std']), 'size': pp['size']}
+    model = get_family(config.family).trained_network(config, state, str(best))
+    pp = config.preprocessing
+    return model.eval(), {'mean': list(pp.mean), 'std': list(pp.std), 'size': pp.size}
 
 
 def _teacher_from_export(path: Path, state: dict[str, torch.Tensor]) -> tuple[nn.Module, dict]:
@@ -112,7 +112,7 @@ def _teacher_from_export(path: Path, state: dict[str, torch.Tensor]) -> tuple[nn
                          'given by its run folder (runs/NAME)')
     delivery = DELIVERIES[family]
     _, pp = delivery.build(state, sidecar, path)   # every check submit makes, and the file's preprocessing
-    model = get_family(family).trained_network(delivery.network_config(state, sidecar), state, str(path))
+    model = get_family(family).trained_network(delivery.network_config(state, sidecar, pp), state, str(path))
     return model.eval(), {'mean': list(pp.mean), 'std': list(pp.std), 'size': pp.size}
 
 

@@ -7,13 +7,13 @@
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .run_folder import read_json, write_json
+from .run_folder import read_json, read_run_config, write_json
 from .labels import CLASSES
 from .recipes import Recipe
 from .training import resume_point_path, train
@@ -50,8 +50,8 @@ def summarize(exp_dir) -> dict:
         bad = [name for name, a in zip(metrics, accuracies) if not np.isfinite(a)]
         raise ValueError(f'{exp_dir}: {", ".join(bad)} recorded no validation accuracy: {todo}')
     best = runs[int(np.argmax(accuracies))]
-    config = read_json(runs[0] / 'config.json', todo)
-    summary = {'recipe': config['recipe'], 'split': config.get('split'), 'seeds': [r.name for r in runs],
+    config = read_run_config(runs[0], todo)
+    summary = {'recipe': asdict(config.recipe), 'split': config.split, 'seeds': [r.name for r in runs],
                'valid_accuracy': dict(zip(metrics, accuracies.tolist())),
                'mean': float(accuracies.mean()), 'std': float(accuracies.std(ddof=1)) if len(runs) > 1 else 0.0,
                'per_class_mean': {c: _mean([m['per_class_accuracy'].get(c) for m in metrics.values()])
@@ -59,9 +59,9 @@ def summarize(exp_dir) -> dict:
                'best_run': best.name}
     write_json(exp_dir / 'summary.json', summary)   # strict JSON, atomic: export.py reads it
 
-    lines = [f'# {exp_dir.name}: {config["recipe"]["family"]} {config["recipe"]["arch"]}, {len(runs)} seeds', '',
+    lines = [f'# {exp_dir.name}: {config.family} {config.recipe.arch}, {len(runs)} seeds', '',
              f'Best validation accuracy: **{summary["mean"]:.4f} +/- {summary["std"]:.4f}** (mean +/- sample std '
-             f'over seeds; {config.get("split", "stratified")} split, {config["n_valid"]} validation photos per seed).',
+             f'over seeds; {config.split} split, {config.n_valid} validation photos per seed).',
              f'Global best: `{best.name}` ({accuracies.max():.4f}).', '',
              '| seed | best val. accuracy | ' + ' | '.join(CLASSES) + ' |', '|---' * (len(CLASSES) + 2) + '|']
     for name, m in metrics.items():

@@ -17,7 +17,7 @@ from .architectures import ArchitectureError
 from .delivery import DELIVERIES
 from .families import get_family
 from .labels import CLASSES
-from .recipes import Recipe
+from .run_config import RunConfig
 from .run_folder import (EXPORT_TODO, VALID_ITEMS, RunFolderError, load_weights, read_json, read_run_config,
                          resolve_run)
 from .sidecar import Sidecar
@@ -31,7 +31,7 @@ def finished_runs(runs_dir: Path, family: str, warn: Callable[[str], None] | Non
     runs = []
     for run in sorted(finished, key=finished.get, reverse=True):
         try:
-            if read_run_config(run)['recipe']['family'] == family:
+            if read_run_config(run).family == family:
                 runs.append(run)
         except RunFolderError as err:
             if warn is not None:
@@ -47,15 +47,14 @@ def latest_run(runs_dir: Path, family: str) -> Path | None:
     return runs[0] if runs else None
 
 
-def rebuild_split(config: dict):
+def rebuild_split(config: RunConfig):
     """The run's photos and its split, rebuilt from config.json the way training made them (`split_photos`, one
     folder or several): (items, train_idx, valid_idx, audit), indices into items; audit: duplicate groups across
     every folder (computed here for a stratified split too, for leak checks). For runs that predate
     `valid_items.csv`, and for leak checks."""
     from .audit import audit_items
     from .data import split_photos
-    split, split_seed = config.get('split', 'stratified'), Recipe.from_dict(config['recipe']).data_split_seed
-    photos = split_photos(config['data'], split, config['recipe']['valid_pct'], split_seed)
+    photos = split_photos(list(config.data), config.split, config.recipe.valid_pct, config.recipe.data_split_seed)
     audit = photos.audit or audit_items(photos.items)
     return photos.items, photos.train_idx, photos.valid_idx, audit
 
@@ -120,13 +119,14 @@ def export_run(run_dir: str | Path, out: str | Path, half: bool = False, calibra
     state = load_weights(best, EXPORT_TODO)   # weights_only: a crafted pickle is refused, nothing runs
 
     try:   # a config.json that parses but lacks a field: one sentence, not a KeyError
-        recipe, pp = config['recipe'], config['preprocessing']
-        family = get_family(recipe['family'])
+        pp = config.preprocessing
+        family = get_family(config.family)
         if family.delivery is None:
             raise ValueError(f'the {family.name} family is not delivered (only {", ".join(DELIVERIES)} are)')
         model = family.trained_network(config, state, str(best))
-        settings = {'family': family.name, **family.delivery.sidecar_fields(config, model), 'image_size': pp['size'],
-                    'crop_pct': pp['crop_pct'], 'mean': pp['mean'], 'std': pp['std'], 'classes': config['classes']}
+        settings = {'family': family.name, **family.delivery.sidecar_fields(config, model), 'image_size': pp.size,
+                    'crop_pct': pp.crop_pct, 'mean': list(pp.mean), 'std': list(pp.std),
+                    'classes': list(config.classes)}
     except ArchitectureError as err:
         raise RunFolderError(f'{err}: {EXPORT_TODO}') from None
     except (KeyError, TypeError, ValueError, RuntimeError) as err:

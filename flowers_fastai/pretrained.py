@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .architectures import ArchitectureError, ClipClassifier, load_exactly
+from .weights_io import UnreadableFile, read_torch_file
 
 DEFAULT_CNN_TAG = 'fcmae_ft_in22k_in1k'
 DEFAULT_CLIP_TAG = 'openai'
@@ -81,14 +82,13 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         # OpenAI's published CLIP files are TorchScript archives: their tensors are read, their code never runs
         return read_torchscript_tensors(path)
     try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ArchitectureError(f'pretrained file {path} is refused: it is a pickle that would need to run code to '
-                                f'load ({_first_line(err)}); give the published weights file') from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, AttributeError,
-            IndexError, TypeError) as err:   # what torch raises for truncated or foreign bytes
+        obj = read_torch_file(path)
+    except UnreadableFile as err:
+        if err.kind == 'runs_code':
+            raise ArchitectureError(f'pretrained file {path} is refused: it is a pickle that would need to run code '
+                                    f'to load ({err.detail}); give the published weights file') from None
         raise ArchitectureError(f'pretrained file {path} cannot be read (truncated download, or not a weights file?: '
-                                f'{type(err).__name__}: {_first_line(err)}); download it again') from None
+                                f'{err.detail}); download it again') from None
     for key in ('state_dict', 'model', 'model_ema'):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

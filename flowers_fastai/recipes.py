@@ -1,5 +1,5 @@
-"""Training recipes as data: the seed's defaults, overridable from `train.py`'s command line, and the phases a
-recipe trains in. Where each default comes from in the seed: docs/training.md."""
+"""Training recipes as data: the brief's defaults, overridable from `train.py`'s command line, and the phases a
+recipe trains in. Where each default comes from in the brief: docs/training.md."""
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -34,7 +34,7 @@ class Recipe:
     min_scale: float = option("RandomResizedCrop's smallest crop, as a fraction of the photo", default=0.35)
     llrd: float = option('layer-wise LR decay: LR ratio of each backbone block to the block above it', default=0.75)
     frozen_phase_blocks: int = option('top backbone blocks/stages trained with the head in the frozen phase (old '
-                                      'name: --phase-a-blocks)', default=0)   # the seed's CNN option: 1
+                                      'name: --phase-a-blocks)', default=0)   # the brief's CNN option: 1
     unfreeze_blocks: int = option('N > 0: a partial phase trains the top N blocks; 0: a full phase trains '
                                   'everything', default=0)
     final_epochs: int = option('epochs of the final phase: everything at LR / --final-lr-div (with --lora-rank: '
@@ -43,7 +43,7 @@ class Recipe:
     warmup_pct: float = option('share of each phase spent warming up before the cosine decay', default=0.25)
     lr_base_bs: int = option('LRs are scaled by bs x accumulate / this (linear rule); 0 = no scaling', default=0)
     accumulate: int = option('gradient accumulation: one optimizer step every N batches', default=1)
-    # Field defaults are "off": a run saved before a field existed resumes as it was trained. The seed's
+    # Field defaults are "off": a run saved before a field existed resumes as it was trained. The brief's
     # values are set in CNN and VIT below.
     # ema_decay: 0.999 suits ~100 optimizer steps per epoch
     ema_decay: float = option('weight EMA decay per step, validated and exported; 0 = off', default=0.0)
@@ -137,7 +137,7 @@ class Phase:
     - `partial` (`unfreeze_blocks` > 0: the top N blocks + the head) or `full` (everything): `epochs`, LRs falling
       by `llrd` per block below the head (layer-wise LR decay);
     - `final` (optional): `final_epochs` of everything at LRs / `final_lr_div`; with LoRA, the updates are merged
-      into the weights first (the seed's light full fine-tune);
+      into the weights first (the brief's light full fine-tune);
     - `resized<N>` (optional): fastai's progressive resizing, `resize_epochs` at `resize_to` = N px, LRs /
       `final_lr_div`; the delivered file is chosen among these epochs;
     - `scratch`: from random weights, `epochs` of everything at one LR (there is nothing to protect), instead of
@@ -167,7 +167,7 @@ def recipe_phases(recipe: Recipe, pretrained) -> list[Phase]:
     return [phase for phase in phases if phase.epochs]
 
 
-# The seed's regularisation: RandAugment + ColorJitter, light Random Erasing, MixUp or CutMix
+# The brief's regularisation: RandAugment + ColorJitter, light Random Erasing, MixUp or CutMix
 # on part of the batches, weight EMA, early stopping on validation accuracy (patience 10).
 SEED_REGULARISATION = dict(randaugment=2, randaugment_magnitude=9, color_jitter=0.4, random_erasing=0.25,
                            mixup=0.3, cutmix=0.3, ema_decay=0.999, patience=10)
@@ -181,8 +181,8 @@ CNN = Recipe(family='cnn', arch='convnextv2_tiny', pretrained_tag='fcmae_ft_in22
              drop_path=0.1, warmup_pct=0.2, lr_base_bs=32, **SEED_REGULARISATION)
 
 # CLIP ViT-L/14: 224 px, batch 16 (x `accumulate`), head LR 1e-3, backbone LR 1e-5, warmup
-# 10 % then cosine, label smoothing 0.05, LLRD 0.75 per transformer block. Phases (the seed's stages 1-3): `frozen`
-# (a linear probe), `partial` (the top `unfreeze_blocks` blocks: 6, our choice, the seed leaves N open), and
+# 10 % then cosine, label smoothing 0.05, LLRD 0.75 per transformer block. Phases (the brief's stages 1-3): `frozen`
+# (a linear probe), `partial` (the top `unfreeze_blocks` blocks: 6, our choice, the brief leaves N open), and
 # optionally `final` (everything at a very low LR).
 VIT = Recipe(family='vit', arch='ViT-L-14-quickgelu', pretrained_tag='openai', size=224, bs=16,
              epochs=15, freeze_epochs=3, lr=1e-3, backbone_lr_div=100.0, wd=0.05, label_smoothing=0.05,

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from .run_config import RunConfig
 from .weights_io import UnreadableFile, read_torch_file
 
 VALID_ITEMS = 'valid_items.csv'   # the run's validation photos (path, label), written by training
@@ -130,15 +131,17 @@ def resolve_run(run_dir: Path, todo: str = EXPORT_TODO) -> Path:
     return run_dir / best
 
 
-def read_run_config(run_dir: Path, todo: str = EXPORT_TODO) -> dict:
+def read_run_config(run_dir: Path, todo: str = EXPORT_TODO) -> RunConfig:
     """The run's config.json (a seeds experiment: its best seed's), checked for what every reader needs."""
     run = resolve_run(run_dir, todo)
     config_path = run / 'config.json'
     if not config_path.is_file():
         raise RunFolderError(f'{run} is not a finished training run folder (no config.json): {todo}')
-    config = read_json(config_path, todo)
-    if not isinstance(config.get('recipe'), dict) or not isinstance(config['recipe'].get('family'), str):
-        raise RunFolderError(f'{config_path} has no recipe with a model family: {todo}')
-    return config
+    try:
+        return RunConfig.from_dict(read_json(config_path, todo), str(config_path))
+    except RunFolderError:
+        raise
+    except ValueError as err:
+        raise RunFolderError(f'{err}: {todo}') from None
 
 

@@ -8,7 +8,6 @@ import time
 import warnings
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,8 @@ from .callbacks import (BestCheckpoint, Distillation, EarlyStopping, FolderAccur
 from .checkpoints import (BEST, LAST, RESUME_TODO, read_resume_point, restore_checkpoint, resume_point_path,
                           save_resume_point)
 from .data import DatasetError, flower_dataloaders, split_photos
-from .run_folder import VALID_ITEMS, RunFolderError, atomic_write, read_json, write_json
+from .run_config import RunConfig
+from .run_folder import VALID_ITEMS, RunFolderError, atomic_write, read_run_config, write_json
 from .labels import CLASSES
 from .lora import has_lora, merge_lora
 from .distill import Teacher, attach_distill_head, load_teacher, with_distill_head
@@ -146,12 +146,11 @@ def prepare_learner(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, p
         learn.add_cb(Distillation([Teacher(net, tuple(tpp['mean']), tuple(tpp['std']), teacher_input_size(recipe, tpp))
                                    for net, tpp in teachers], (pp.mean, pp.std), alpha=recipe.distill_alpha,
                                   temperature=recipe.distill_temperature, feature_weight=recipe.distill_features))
-    config = {'recipe': asdict(recipe), 'preprocessing': asdict(delivery_preprocessing(recipe)), 'classes': CLASSES,
-              'data': [str(folder.resolve()) for folder in photos.folders], 'split': split,
-              'left_out_filed_under_two_classes': sum(photos.dropped.values()),
-              'n_train': len(dls.train_ds), 'n_valid': len(dls.valid_ds),
-              'pretrained': str(pretrained) if pretrained else False, 'torch': torch.__version__}
-    config.update(get_family(recipe.family).network_config(model))   # e.g. the ViT's tower shape
+    config = RunConfig(recipe=recipe, preprocessing=delivery_preprocessing(recipe),
+                       data=tuple(str(folder.resolve()) for folder in photos.folders), split=split,
+                       pretrained=str(pretrained) if pretrained else False, n_train=len(dls.train_ds),
+                       n_valid=len(dls.valid_ds), left_out_filed_under_two_classes=sum(photos.dropped.values()),
+                       torch=torch.__version__, **get_family(recipe.family).network_config(model))   # ViT: tower shape
     learn.add_cb(RunRecipe(recipe, pretrained, config))   # what learn.fit_recipe() trains (notebook.py)
     return learn, config
 
@@ -168,7 +167,7 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
         if not last.exists() and not (run_dir / 'config.json').exists():
             raise FileNotFoundError(f'nothing to resume in {run_dir} (no config.json, no models/last.pth): '
                                     f'{RESUME_TODO}')
-        split = read_json(run_dir / 'config.json', RESUME_TODO).get('split', 'stratified')  # older runs: stratified
+        split = read_run_config(run_dir, RESUME_TODO).split
         # before any work: a broken resume point is said at once (read onto the device the run trains on)
         state = read_resume_point(last, map_location=default_device())
     elif (run_dir / 'models').exists():
@@ -185,7 +184,7 @@ def freeze_for_phase(learn: Learner, recipe: Recipe, pretrained: bool | str | Pa
     _set_trainable(learn, recipe_phases(recipe, pretrained)[index].trainable)
 
 
-def run_phases(learn: Learner, recipe: Recipe, pretrained: bool | str | Path, config: dict | None = None,
+def run_phases(learn: Learner, recipe: Recipe, pretrained: bool | str | Path, config: RunConfig | None = None,
                state: dict | None = None) -> Learner:
     """The recipe's phases on `learn` (from `prepare_learner`), into its folder `learn.path`, as `train` runs
     them: models/best.pth, history.csv, the reports. `config`: written to config.json with the validation photos
@@ -194,7 +193,7 @@ def run_phases(learn: Learner, recipe: Recipe, pretrained: bool | str | Path, co
     run_dir, resume = Path(learn.path), state is not None
     main_process = rank_distrib() == 0   # under `accelerate launch`, only the main process writes files
     if config is not None and main_process:
-        write_json(run_dir / 'config.json', config)
+        write_json(run_dir / 'config.json', config.to_dict())
         # the validation photos, for export-time calibration and later re-scoring
         atomic_write(run_dir / VALID_ITEMS,
                      lambda tmp: learn.dls.valid_ds.items[['path', 'label']].to_csv(tmp, index=False))

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flowers_fastai.exporting import export_run, validation_items  # noqa: E402
+from flowers_fastai.weights_io import read_torch_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paired_compare import correct_alone, discordant, mcnemar_exact  # noqa: E402
@@ -37,7 +38,7 @@ def exported(run: Path) -> Path:
 
 def soup(files: list[Path], out: Path) -> Path:
     """The uniform average of state_dicts of one network (floating tensors averaged in fp32, the rest kept)."""
-    states = [torch.load(f, map_location='cpu', weights_only=True) for f in files]
+    states = [read_torch_file(f) for f in files]
     if any(s.keys() != states[0].keys() for s in states):
         raise SystemExit('error: the files to average do not hold the same tensors')
     torch.save({k: torch.stack([s[k].float() for s in states]).mean(0) if v.is_floating_point() else v

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         if validation_items(run) != valid:
             sys.exit(f'error: {run} was validated on other photos than {args.teachers[0]}: train the teachers on '
                      'one split (--split, --split-seed, --data) to compare or ensemble them')
-    folders = data_folders(read_run_config(args.teachers[0])['data'])
+    folders = data_folders(list(read_run_config(args.teachers[0]).data))
     names = folder_names(folders)
     source = np.array([next(k for k, f in enumerate(folders) if Path(p).resolve().is_relative_to(f)) for p, _ in valid])
     targets = torch.tensor([CLASSES.index(label) for _, label in valid])
@@ -65,8 +65,7 @@ def main(argv=None) -> int:
     by_size: dict[str, list[torch.Tensor]] = {}
     for run in args.teachers:
         model, pp = load_teacher(run)
-        own = Preprocessing(**{**read_run_config(run)['preprocessing'], 'mean': tuple(pp['mean']),
-                               'std': tuple(pp['std'])})
+        own = read_run_config(run).preprocessing
         for size in dict.fromkeys([own.size, *args.sizes]):
             probs = probabilities(model, paths, replace(own, size=size))
             key = 'own size' if size == own.size else f'{size} px'

@@ -11,7 +11,6 @@ through `flowers_fastai.submit` (so the exported file, not the training process,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flowers_fastai.exporting import rebuild_split  # noqa: E402
 from flowers_fastai.labels import CLASSES  # noqa: E402
-from flowers_fastai.recipes import Recipe  # noqa: E402
-from flowers_fastai.submit import load_cnn_model, load_vit_model, predict  # noqa: E402
+from flowers_fastai.run_folder import read_run_config  # noqa: E402
+from flowers_fastai.submit import loader_for, predict  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -29,11 +28,11 @@ def main(argv=None) -> int:
     parser.add_argument('--weights', type=Path, required=True, help='exported weights file of that run')
     args = parser.parse_args(argv)
 
-    config = json.loads((args.run / 'config.json').read_text())
-    recipe, split = config['recipe'], config.get('split', 'stratified')
+    config = read_run_config(args.run)
+    split = config.split
     items, train_idx, valid_idx, audit = rebuild_split(config)
 
-    model = (load_cnn_model if recipe['family'] == 'cnn' else load_vit_model)(args.weights)
+    model = loader_for(config.family)(args.weights)
     trained_groups = {audit.group[i] for i in train_idx}
     in_conflict = {i for g in audit.conflicts() for i in g}
     correct, leak_free = {}, []
@@ -47,7 +46,7 @@ def main(argv=None) -> int:
 
     def accuracy(idx):
         return sum(correct[i] for i in idx) / len(idx)
-    split_seed = Recipe.from_dict(recipe).data_split_seed
+    split_seed = config.recipe.data_split_seed
     print(f'run {args.run.name} ({split} split, split seed {split_seed}), weights {args.weights}')
     print(f'validation photos: {len(valid_idx)}, accuracy {accuracy(valid_idx):.4f}')
     print(f'without leaked copies or photos filed under two classes: {len(leak_free)}, '

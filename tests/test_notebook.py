@@ -64,7 +64,7 @@ def test_learner_reads_several_folders_and_reports_each(colour_folder, tmp_path)
                     **TINY)
     assert [m.name for m in learn.metrics] == ['accuracy', f'accuracy_{colour_folder.name}', 'accuracy_second']
     assert set(learn.dls.valid_ds.items.source) == {0, 1}
-    assert learn.run_recipe.config['data'] == [str(colour_folder.resolve()), str(second.resolve())]
+    assert learn.run_recipe.config.data == (str(colour_folder.resolve()), str(second.resolve()))
 
 
 def test_learner_overrides_land_in_the_model_and_the_dataloaders(colour_folder, tmp_path):
@@ -88,7 +88,7 @@ def test_pretrained_file_loads_the_backbone_and_freezes_it_for_the_frozen_phase(
     assert all(torch.equal(state[k], v) for k, v in source.items() if not k.startswith('head.fc.'))
     assert _trains(learn) == [False] * 5 + [True]   # as vision_learner gives it: the head only
     assert [p.name for p in phases(learn)] == ['frozen', 'full']
-    assert learn.run_recipe.config['pretrained'] == str(path)
+    assert learn.run_recipe.config.pretrained == str(path)
 
     scratch = learner('cnn', colour_folder, pretrained=False, run_dir=tmp_path / 'b', **TINY)
     assert not torch.equal(scratch.model.state_dict()['stem.0.weight'], source['stem.0.weight'])

@@ -23,7 +23,7 @@ from flowers_fastai.training import train
 
 from .conftest import REPO, interrupt_after_first_epoch, real_photos, resume_point
 
-# Tests of the training machinery run without the seed's regularisation (tested on its own), at the given LR.
+# Tests of the training machinery run without the brief's regularisation (tested on its own), at the given LR.
 PLAIN = dict(randaugment=0, color_jitter=0.0, random_erasing=0.0, mixup=0.0, cutmix=0.0, ema_decay=0.0, patience=0,
              lr_base_bs=0)
 TINY_CNN = CNN.override(arch='convnextv2_atto', size=32, bs=8, epochs=1, lr=1e-3, drop_path=0.0, valid_pct=0.25,
@@ -55,15 +55,17 @@ def test_split_seed_keeps_the_split_while_the_seed_changes(colour_folder, tmp_pa
     The scripts that re-score a run (`rebuild_split`: validation_report, paired_compare, input_size_sweep) find
     the photos training held out, not the split of the run's `seed`."""
     from flowers_fastai.exporting import rebuild_split
+    from flowers_fastai.run_config import RunConfig
     from flowers_fastai.training import prepare_learner
 
     def valid_photos(**seeds):
         learn, config = prepare_learner(TINY_CNN.override(**seeds), colour_folder, tmp_path / f'{split}{seeds}',
                                         pretrained=False, split=split)
         held_out = set(map(str, learn.dls.valid_ds.items.path))
-        items, _, valid_idx, _ = rebuild_split(json.loads(json.dumps(config)))   # as read back from config.json
+        saved = RunConfig.from_dict(json.loads(json.dumps(config.to_dict())))   # as read back from config.json
+        items, _, valid_idx, _ = rebuild_split(saved)
         assert {str(items[i][0]) for i in valid_idx} == held_out
-        return held_out, config['recipe']['split_seed']
+        return held_out, saved.recipe.split_seed
     base, _ = valid_photos(seed=0)
     assert valid_photos(seed=1, split_seed=0) == (base, 0)       # another seed, the teacher's split
     assert valid_photos(seed=1)[0] != base                        # -1: the split follows the seed
@@ -218,7 +220,7 @@ def test_train_help_documents_every_option():
     for option in ['--data', '--arch', '--size', '--bs', '--epochs', '--freeze-epochs', '--lr', '--wd',
                    '--label-smoothing', '--drop-path', '--seed', '--resume', '--pretrained-file', '--no-pretrained']:
         assert option in out.stdout
-    assert 'default: 0.1 / 0.05' in out.stdout  # label smoothing: the seed's cnn / vit defaults
+    assert 'default: 0.1 / 0.05' in out.stdout  # label smoothing: the brief's cnn / vit defaults
 
 
 def test_amp_on_cuda_only_fp32_on_cpu(colour_folder, monkeypatch):

@@ -13,6 +13,8 @@ from torch import nn
 from ..architectures import CONVNEXTV2_SIZES, ArchitectureError, infer_cnn_arch, load_exactly
 from ..inference_nets import ConvNeXtV2
 from ..preprocess import Preprocessing, cnn_preprocessing
+from ..recipes import CNN
+from ..run_config import RunConfig
 from .entry import Delivery, StateDict
 
 
@@ -32,12 +34,12 @@ def build(state_dict: StateDict, sidecar, path: Path) -> tuple[nn.Module, Prepro
     return model, sidecar.preprocessing(cnn_preprocessing(sidecar.image_size or 224))
 
 
-def sidecar_fields(config: dict, model: nn.Module) -> dict:
-    return {'arch': config['recipe']['arch'].split('.')[0]}
+def sidecar_fields(config: RunConfig, model: nn.Module) -> dict:
+    return {'arch': config.recipe.arch.split('.')[0]}
 
 
-def network_config(state_dict: StateDict, sidecar) -> dict:
-    return {'recipe': {'arch': infer_cnn_arch(state_dict)}}
+def network_config(state_dict: StateDict, sidecar, preprocessing: Preprocessing) -> RunConfig:
+    return RunConfig(recipe=CNN.override(arch=infer_cnn_arch(state_dict)), preprocessing=preprocessing)
 
 
 DELIVERY = Delivery(name='cnn', title='a ConvNeXt V2 CNN', weights_file='cnn_flowers.pth', head_key='head.fc.weight',

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..preprocess import Preprocessing
+from ..run_config import RunConfig
 
 StateDict = dict[str, torch.Tensor]
 
@@ -24,10 +25,11 @@ class Delivery:
     # (state_dict, Sidecar, path) -> (the delivery network built on the meta device with the file's tensors
     # assigned, its preprocessing); ValueError naming the file for tensors or a sidecar that do not fit
     build: Callable[[StateDict, object, Path], tuple[nn.Module, Preprocessing]]
-    # (a run's config, its trained network) -> the sidecar fields only this family writes
-    sidecar_fields: Callable[[dict, nn.Module], dict]
-    # (state_dict, Sidecar) -> what a run's config says of the network, to rebuild its training network
-    network_config: Callable[[StateDict, object], dict]
+    # (a run's RunConfig, its trained network) -> the sidecar fields only this family writes
+    sidecar_fields: Callable[[RunConfig, nn.Module], dict]
+    # (state_dict, Sidecar, the file's preprocessing) -> a RunConfig that describes the network (no photos), to
+    # rebuild its training network from a delivered file (an exported file as a teacher)
+    network_config: Callable[[StateDict, object, Preprocessing], RunConfig]
 
     @property
     def loader(self) -> str:

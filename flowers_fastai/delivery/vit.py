@@ -14,6 +14,8 @@ from torch import nn
 from ..architectures import ArchitectureError, ClipTowerSpec, infer_clip_spec, load_exactly
 from ..inference_nets import ClipViTClassifier
 from ..preprocess import Preprocessing, vit_preprocessing
+from ..recipes import VIT
+from ..run_config import RunConfig
 from .entry import Delivery, StateDict
 
 
@@ -45,13 +47,13 @@ def build(state_dict: StateDict, sidecar, path: Path) -> tuple[nn.Module, Prepro
     return model, sidecar.preprocessing(vit_preprocessing(spec.image_size))
 
 
-def sidecar_fields(config: dict, model: nn.Module) -> dict:
+def sidecar_fields(config: RunConfig, model: nn.Module) -> dict:
     spec = model.spec
     return {'arch': spec.name, 'quick_gelu': spec.quick_gelu, 'head_width': spec.head_width}
 
 
-def network_config(state_dict: StateDict, sidecar) -> dict:
-    return {'recipe': {}, 'clip_spec': tower_spec(state_dict, sidecar).to_dict()}
+def network_config(state_dict: StateDict, sidecar, preprocessing: Preprocessing) -> RunConfig:
+    return RunConfig(recipe=VIT, preprocessing=preprocessing, clip_spec=tower_spec(state_dict, sidecar).to_dict())
 
 
 DELIVERY = Delivery(name='vit', title='a CLIP ViT', weights_file='vit_flowers.pth', head_key='head.weight',

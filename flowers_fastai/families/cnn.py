@@ -10,6 +10,7 @@ from ..architectures import build_cnn, load_exactly
 from ..delivery import StateDict, cnn as delivery
 from ..preprocess import Preprocessing
 from ..recipes import CNN, Recipe
+from ..run_config import RunConfig
 from .entry import Family, with_published_weights
 
 
@@ -45,8 +46,8 @@ def timm_weights_preprocessing(arch: str, tag: str, size: int) -> Preprocessing:
     return Preprocessing(size, float(data['crop_pct']), tuple(map(float, data['mean'])), tuple(map(float, data['std'])))
 
 
-def trained_network(config: dict, state: StateDict, what: str) -> nn.Module:
-    model = build_cnn(config['recipe']['arch'])
+def trained_network(config: RunConfig, state: StateDict, what: str) -> nn.Module:
+    model = build_cnn(config.recipe.arch)
     load_exactly(model, state, what)
     return model
 

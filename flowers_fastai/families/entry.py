@@ -10,6 +10,7 @@ from torch import nn
 from ..delivery import Delivery, StateDict
 from ..preprocess import Preprocessing
 from ..recipes import Recipe
+from ..run_config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -21,9 +22,9 @@ class Family:
     splitter: Callable[[nn.Module], list[list[nn.Parameter]]]   # parameter groups, bottom to top, head last
     # (arch, weight tag, size) -> the input pipeline of those weights at that size
     preprocessing: Callable[[str, str, int], Preprocessing]
-    # (config.json of a run, its weights) -> the run's network with them loaded, every key checked
-    trained_network: Callable[[dict, StateDict, str], nn.Module]
-    # (the trained network) -> what else config.json must record to rebuild it (e.g. the ViT's tower shape)
+    # (a run's RunConfig, its weights) -> the run's network with them loaded, every key checked
+    trained_network: Callable[[RunConfig, StateDict, str], nn.Module]
+    # (the trained network) -> RunConfig fields it needs to be rebuilt (e.g. the ViT's tower shape, `clip_spec`)
     network_config: Callable[[nn.Module], dict] = field(default=lambda model: {})
     delivery: Delivery | None = None                    # how it ships; None: not delivered (a teacher)
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..architectures import load_exactly
 from ..recipes import TEACHER, Recipe
+from ..run_config import RunConfig
 from ..teachers import build_timm_classifier, classifier_of, load_timm_backbone, timm_pretrained_file
 from ..delivery import StateDict
 from .entry import Family, with_published_weights
@@ -32,8 +33,8 @@ def splitter(model: nn.Module) -> list[list[nn.Parameter]]:
     return [group for group in body if group] + [classifier]
 
 
-def trained_network(config: dict, state: StateDict, what: str) -> nn.Module:
-    model = build_timm_classifier(config['recipe']['arch'])
+def trained_network(config: RunConfig, state: StateDict, what: str) -> nn.Module:
+    model = build_timm_classifier(config.recipe.arch)
     load_exactly(model, state, what)
     return model
 

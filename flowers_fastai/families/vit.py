@@ -12,6 +12,7 @@ from ..delivery import StateDict, vit as delivery
 from ..lora import apply_lora, has_lora, is_lora_parameter, merge_lora
 from ..preprocess import Preprocessing, vit_preprocessing
 from ..recipes import VIT, Recipe
+from ..run_config import RunConfig
 from .entry import Family, with_published_weights
 
 
@@ -57,15 +58,15 @@ def clip_weights_preprocessing(arch: str, tag: str, size: int) -> Preprocessing:
                          tuple(map(float, cfg.get('std', default.std))))
 
 
-def trained_network(config: dict, state: StateDict, what: str) -> nn.Module:
+def trained_network(config: RunConfig, state: StateDict, what: str) -> nn.Module:
     """The run's network. LoRA updates (a best epoch before any light full fine-tune) are folded into plain
     weights, which then go into a plain network: its state_dict has the published key order again."""
-    recipe, spec = config['recipe'], ClipTowerSpec(**config['clip_spec'])
+    recipe, spec = config.recipe, ClipTowerSpec(**config.clip_spec)
     model = ClipClassifier(spec)
     if not has_lora(state):
         load_exactly(model, state, what)
         return model
-    apply_lora(model.visual, recipe['lora_rank'], recipe.get('lora_alpha', 16.0))
+    apply_lora(model.visual, recipe.lora_rank, recipe.lora_alpha)
     load_exactly(model, state, what)
     with torch.device('meta'):
         plain = ClipClassifier(spec)
