@@ -21,7 +21,7 @@ Everything is measured in this one run, on this machine:
 - int8 (unless --no-int8): the ViT with its transformer matmuls in int8 (`submit.quantize_int8`): latency, its
   speed-up over fp32 in this run, and its cold start (quantizing included). Its accuracy change is not a speed
   matter: `python -m flowers_fastai.evaluate --weights ... --data DIR --int8` measures it on held-out photos.
-Random initialisation: speed does not depend on the weights' values. Targets (issue 4): CNN <= 1.5x its floor
+Random initialisation: speed does not depend on the weights' values. Targets (docs/speed.md): CNN <= 1.5x its floor
 and cold start <= 2 s; ViT-L/14 <= 1.15x and cold start <= 8 s; batch throughput within 10 % of the model's.
 The table says of each whether it is met, on the unrounded values.
 """

@@ -239,14 +239,14 @@ def keep_freed_memory() -> bool:
     """Opt-in: ask glibc to keep freed memory in the process rather than hand it back to the OS at once.
 
     Every forward pass allocates and frees the same few-MB activations. glibc may serve blocks that big with mmap,
-    or trim them off the heap when freed, so that each pass page-faults them in again (benchmarks/latency.py,
-    2026-11-27: ~2,700 page faults per ConvNeXt V2 tiny prediction, 0 with this; docs/speed.md has the numbers
-    and where the effect did not show). Raising glibc's mmap threshold (to its 32 MiB maximum) and trim
+    or trim them off the heap when freed, so that each pass page-faults them in again (benchmarks/latency.py
+    counts thousands of page faults per ConvNeXt V2 tiny prediction, none with this; docs/speed.md has the
+    numbers and where the effect did not show). Raising glibc's mmap threshold (to its 32 MiB maximum) and trim
     threshold keeps them mapped; this is what PyTorch's CPU performance guides get from jemalloc/tcmalloc. The
     cost: the process keeps its peak heap (tens of MB for the CNN, a few hundred for ViT-L/14).
 
     Not called by any loader: it changes malloc for the whole process, which is the host application's call,
-    not a library's (issue 14). A serving process calls it once, or sets glibc's own equivalent before it starts:
+    not a library's. A serving process calls it once, or sets glibc's own equivalent before it starts:
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 (docs/speed.md). Linux/glibc only, applied
     once; FLOWERS_KEEP_MALLOC=1 in the environment vetoes it (for a process whose memory is being measured).
     Returns whether it applied."""

@@ -1,5 +1,5 @@
 """Which distillation targets teach a from-scratch student fastest on this CPU: a short schedule, several arms,
-several seeds, all on the teacher's split (issue 13: "measure which targets teach fastest before the long runs").
+several seeds, all on the teacher's split, so that the long runs use the target measured to teach best.
 
     python scripts/distill_arms.py --teacher runs/kd-teacher-lite0-160 --runs runs/arms --seeds 0 1 2
 

@@ -1,4 +1,4 @@
-"""The table of issue 13's long-schedule comparison (`scripts/kd_long_seeds.sh`): each student exported and scored
+"""The table of the long-schedule distillation comparison (`scripts/kd_long_seeds.sh`): each student exported and scored
 as a grader loads it (the `.pth` alone, no sidecar), on the validation photos every run shares (the teacher's split),
 paired by seed (with against without the teacher, McNemar), and the teacher alone.
 
