@@ -271,7 +271,7 @@ def load_chosen_model(kind: str, weights: str | None = None, vit_weights: str | 
     if int8 and kind not in ('vit', 'ensemble'):
         raise ValueError('--int8 applies to the ViT only (--model vit or ensemble)')
     if kind == 'ensemble':
-        model = load_ensemble(weights or DELIVERIES['cnn'].weights_file, vit_weights or DELIVERIES['vit'].weights_file)
+        model = load_ensemble(weights, vit_weights)   # None: each family's default file
     else:
         path = (vit_weights or weights) if kind == 'vit' else weights
         model = loader_for(kind)(path or DELIVERIES[kind].weights_file)
@@ -323,7 +323,7 @@ def _main(argv) -> int:
                         help='model family, or both averaged (default: %(default)s)')
     parser.add_argument('--weights', help='weights file (default: <family>_flowers.pth in . or weights/; '
                                           'for the ensemble: the CNN file)')
-    parser.add_argument('--vit-weights', help='the ensemble\'s ViT file (default: vit_flowers.pth)')
+    parser.add_argument('--vit-weights', help=f'the ensemble\'s ViT file (default: {DELIVERIES["vit"].weights_file})')
     parser.add_argument('--csv', type=Path, help='also write one CSV row per file (path, class, probabilities, '
                                                  'error); never one of the inputs')
     parser.add_argument('--batch-size', type=int, default=16, help='photos per forward pass (default: %(default)s)')

@@ -256,14 +256,15 @@ def _build(state_dict: dict[str, torch.Tensor], sidecar: Sidecar, path: Path, fa
 
 
 @_loader
-def load_ensemble(cnn_path='cnn_flowers.pth', vit_path='vit_flowers.pth', **paths) -> Ensemble:
-    """Every delivered family together (the CNN and the ViT; `<name>_path=` for a family added to the registry):
-    `predict` / `predict_proba` average their calibrated probabilities."""
+def load_ensemble(cnn_path=None, vit_path=None, **paths) -> Ensemble:
+    """Every delivered family together (the CNN and the ViT; `<name>_path=` for a family added to the registry),
+    each file defaulting to its family's (cnn_flowers.pth, vit_flowers.pth): `predict` / `predict_proba` average
+    their calibrated probabilities."""
     paths = {'cnn': cnn_path, 'vit': vit_path, **{k.removesuffix('_path'): v for k, v in paths.items()}}
     unknown = sorted(set(paths) - set(DELIVERIES))
     if unknown:
         raise TypeError(f'load_ensemble() got paths for no delivered family: {", ".join(unknown)}')
-    return Ensemble([loader_for(name)(paths.get(name, entry.weights_file)) for name, entry in DELIVERIES.items()])
+    return Ensemble([loader_for(name)(paths.get(name) or entry.weights_file) for name, entry in DELIVERIES.items()])
 
 
 def _check(model: nn.Module, image_path) -> None:
