@@ -1,21 +1,24 @@
-"""Shared fixtures. Every test runs with the network blocked (sockets refuse to connect), so "offline" is
-checked, not trusted; a test marked `loopback` may reach this machine only (a local server, a browser driver).
-Real photos come from ../shared/data/flowers; tests that need them skip when it is absent."""
+"""Shared fixtures (the plain helpers several modules share are in helpers.py). Every test runs with the network
+blocked (sockets refuse to connect), so "offline" is checked, not trusted; a test marked `loopback` may reach this
+machine only (a local server, a browser driver). Real photos come from ../shared/data/flowers; tests that need
+them skip when it is absent."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
-REPO = Path(__file__).resolve().parent.parent
-DATA_DIR = REPO.parent / 'shared' / 'data' / 'flowers'
-EXAMPLES = REPO / 'examples'
+from flowers_fastai.submit import load_cnn_model, load_vit_model
+
+from .helpers import COLOURS, TINY_EMA, colour_pixels, png_header_only
 
 warnings.filterwarnings('ignore', category=FutureWarning)  # torch.jit deprecation chatter from open_clip/timm
 
@@ -55,14 +58,7 @@ def no_network(request, monkeypatch):
     monkeypatch.setattr(socket, 'getaddrinfo', loopback_only(socket.getaddrinfo, lambda host, *_: host))
 
 
-def real_photos(per_class: int = 2) -> dict[str, list[Path]]:
-    """A few real photos per class from the shared data folder (skips the test when it is absent)."""
-    if not DATA_DIR.is_dir():
-        pytest.skip(f'real photos not available: {DATA_DIR} is absent')
-    from flowers_fastai.labels import CLASSES
-    return {c: sorted((DATA_DIR / c).glob('*.jpg'))[:per_class] for c in CLASSES}
-
-
+# ------------------------------------------------------------------------------------------ tiny delivery models
 @pytest.fixture(scope='session')
 def tiny_cnn_file(tmp_path_factory) -> Path:
     """A random-init convnextv2_atto CNN exported as submit expects it (raw state_dict + sidecar, 32 px)."""
@@ -102,36 +98,35 @@ def tiny_vit_file(tmp_path_factory, tiny_clip_name) -> Path:
     return path
 
 
-def resume_point(run: Path) -> dict:
-    """The run's resume point, models/last.pth: model, optimizer, EMA, phase, epoch, best."""
-    return torch.load(Path(run) / 'models' / 'last.pth', map_location='cpu', weights_only=True)
+@pytest.fixture(scope='module')
+def cnn_model(tiny_cnn_file):
+    """The tiny CNN as submit loads it, shared by a module's tests (none changes it)."""
+    return load_cnn_model(tiny_cnn_file)
 
 
-def set_resume_position(run: Path, phase: int, epoch: int, best=None) -> None:
-    """Rewrite the position in the run's resume point, its weights kept (a run as it looked earlier)."""
-    saved = resume_point(run)
-    saved.update(phase=phase, epoch=epoch, best=best)
-    torch.save(saved, Path(run) / 'models' / 'last.pth')
+@pytest.fixture(scope='module')
+def vit_model(tiny_vit_file):
+    """The tiny ViT as submit loads it, shared by a module's tests (none changes it)."""
+    return load_vit_model(tiny_vit_file)
 
 
-def interrupt_after_first_epoch(monkeypatch):
-    """Make training stop with a KeyboardInterrupt right after its first epoch's resume point is written, as
-    an interrupted run would; returns the function that puts training back."""
-    from flowers_fastai.callbacks import ResumableCheckpoint
-    original = ResumableCheckpoint.after_epoch
-
-    def crash_after_first_epoch(self):
-        original(self)
-        if self.epoch == 0:
-            raise KeyboardInterrupt('simulated interruption')
-    monkeypatch.setattr(ResumableCheckpoint, 'after_epoch', crash_after_first_epoch)
-    return lambda: monkeypatch.setattr(ResumableCheckpoint, 'after_epoch', original)
+@pytest.fixture
+def weights_files(tiny_cnn_file, tiny_vit_file):
+    """The tiny weights files by family, for the tests parametrized over 'cnn' and 'vit'."""
+    return {'cnn': tiny_cnn_file, 'vit': tiny_vit_file}
 
 
-COLOURS = {'daisy': (240, 240, 240), 'dandelion': (250, 210, 0), 'rose': (200, 0, 30),
-           'sunflower': (255, 140, 0), 'tulip': (150, 0, 200)}
+@pytest.fixture
+def weights(tiny_cnn_file, tmp_path) -> Path:
+    """A private copy of the tiny CNN and its sidecar: a test may try to overwrite it."""
+    folder = tmp_path / 'weights'
+    folder.mkdir()
+    shutil.copy(tiny_cnn_file, folder / 'cnn_flowers.pth')
+    shutil.copy(tiny_cnn_file.with_suffix('.json'), folder / 'cnn_flowers.json')
+    return folder / 'cnn_flowers.pth'
 
 
+# ------------------------------------------------------------------------------------------ training
 @pytest.fixture(scope='module')
 def colour_folder(tmp_path_factory):
     """An easy, learnable data set: each class is a noisy photo of its own colour (12 per class)."""
@@ -140,6 +135,88 @@ def colour_folder(tmp_path_factory):
     for name, rgb in COLOURS.items():
         (root / name).mkdir()
         for i in range(12):
-            pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (40, 48, 3)), 0, 255).astype(np.uint8)
+            pixels = colour_pixels(rgb, rng)
             Image.fromarray(pixels).save(root / name / f'{i}.jpg', quality=95)
     return root
+
+
+@pytest.fixture(scope='module')
+def cnn_run(colour_folder, tmp_path_factory) -> Path:
+    """One finished tiny CNN run (1 epoch, EMA on): every file a run folder holds. Tests copy it."""
+    from flowers_fastai.training import train
+    run = tmp_path_factory.mktemp('runs') / 'cnn-a'
+    train(TINY_EMA, colour_folder, run, pretrained=False)
+    return run
+
+
+# ------------------------------------------------------------------------------------------ decoders that fail
+# A format of our own whose decoder raises what a crafted file makes some PIL plugin raise: any type.
+HOSTILE_MAGIC = b'HOSTILE!'
+
+
+class _HostileImageFile(ImageFile.ImageFile):
+    """Raises the exception registered for its file name in `errors`, in `_open` or in `load`."""
+    format, format_description = 'HOSTILE', 'raises whatever the test asks, in open or load'
+    errors: dict[str, tuple[BaseException, str]] = {}
+
+    def _error(self, stage):
+        error, when = self.errors[Path(self.filename).name]
+        if when == stage:
+            raise error
+
+    def _open(self):
+        self.fp.read(len(HOSTILE_MAGIC))
+        self._mode, self._size, self.tile = 'RGB', (8, 8), []
+        self._error('open')
+
+    def load(self):
+        self._error('load')
+        raise AssertionError('unreachable')
+
+
+@pytest.fixture
+def hostile_format(monkeypatch):
+    """Registers the HOSTILE format for this test only; returns `write(path, error, stage='load')`, which
+    writes such a file, whose decoder raises `error` at `stage` ('open' or 'load')."""
+    Image.init()   # every plugin registered now, into the list restored afterwards, not into ours
+    monkeypatch.setattr(Image, 'ID', ['HOSTILE', *Image.ID])
+    monkeypatch.setitem(Image.OPEN, 'HOSTILE', (_HostileImageFile, lambda prefix: prefix.startswith(HOSTILE_MAGIC)))
+    monkeypatch.setattr(_HostileImageFile, 'errors', {})
+
+    def write(path: Path, error: BaseException, stage: str = 'load') -> Path:
+        _HostileImageFile.errors[path.name] = (error, stage)
+        path.write_bytes(HOSTILE_MAGIC + b'\0' * 64)
+        return path
+    return write
+
+
+@pytest.fixture
+def hostile_decoder(monkeypatch, request):
+    """PIL raises `request.param` for any file whose name holds 'hostile' (as PIL's plugins can, on crafted
+    files, with errors outside the documented ValueError / FileNotFoundError)."""
+    real_open = Image.open
+
+    def open_(fp, *args, **kwargs):
+        if 'hostile' in str(fp):
+            raise request.param
+        return real_open(fp, *args, **kwargs)
+    monkeypatch.setattr(Image, 'open', open_)
+    return request.param
+
+
+@pytest.fixture
+def tiny_pixel_limit(monkeypatch, tmp_path):
+    """PIL's bomb limit lowered for this test, so that bombs and photos can both be tiny: 120x120 lies between
+    1x and 2x the limit (PIL only warns there), 300x300 over 2x (PIL raises)."""
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 10_000)
+    return [png_header_only(tmp_path / 'bomb_warn_only.png', 120, 120),
+            png_header_only(tmp_path / 'bomb.png', 300, 300)]
+
+
+@pytest.fixture
+def fast_thread_switches():
+    """Threads switch every 10 us instead of 5 ms: races, where there are any, show in a few hundred decodes."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    yield
+    sys.setswitchinterval(before)

@@ -16,7 +16,10 @@ import pytest
 
 from flowers_fastai.labels import CLASSES
 
-from .conftest import EXAMPLES, REPO, NetworkBlocked
+from flowers_fastai.submit import load_cnn_model
+
+from .conftest import NetworkBlocked
+from .helpers import EXAMPLES, PHOTOS, REPO, dds_unknown_fourcc
 
 SHIPPED_CNN = REPO / 'weights' / 'cnn_flowers.pth'
 CHROMIUM, CHROMEDRIVER = Path('/usr/bin/chromium'), Path('/usr/bin/chromedriver')
@@ -315,7 +318,7 @@ def test_the_page_in_headless_chromium_shows_the_class_the_bars_and_the_errors(s
     assert list(private_tmp.iterdir()) == []
 
 
-# --- hostile clients and uploads (issue 12) ---------------------------------------------------------------------
+# --- hostile clients and uploads ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('error', [KeyError('bad EXIF tag'), TypeError('unsupported operand'),
                                    RuntimeError('decoder crashed'), MemoryError()], ids=lambda e: type(e).__name__)
@@ -331,6 +334,22 @@ def test_any_decoder_error_of_an_upload_is_a_400_never_a_500(error, client, priv
     message = response.json()['error']
     assert 'crafted.jpg' in message and str(private_tmp) not in message
     assert list(private_tmp.iterdir()) == []
+
+
+def test_the_demo_answers_400_for_an_unknown_dds_pixel_format(tiny_cnn_file, tmp_path):
+    pytest.importorskip('starlette', reason='the web demo extra is not installed: pip install -e .[demo]')
+    pytest.importorskip('multipart', reason='the web demo extra is not installed: pip install -e .[demo]')
+    from starlette.testclient import TestClient
+
+    from flowers_fastai.app import create_app
+    data = dds_unknown_fourcc(tmp_path / 'texture.dds').read_bytes()
+    with TestClient(create_app(load_cnn_model(tiny_cnn_file))) as client:
+        for name in ('texture.dds', 'texture.jpg'):
+            response = client.post('/predict', files={'file': (name, data, 'image/jpeg')})
+            assert response.status_code == 400, response.text
+            assert name in response.json()['error']
+        ok = client.post('/predict', files={'file': ('rose.jpg', PHOTOS[0].read_bytes(), 'image/jpeg')})
+        assert ok.status_code == 200 and ok.json()['class'] in CLASSES
 
 
 def test_the_server_limits_are_options_with_defaults():

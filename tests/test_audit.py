@@ -1,7 +1,9 @@
-"""The data audit: copies of a photo grouped, kept on one side of the split; photos filed under two classes left out."""
+"""The data audit: copies of a photo grouped, kept on one side of the split; photos filed under two classes left out,
+and the report warns of a class the audit empties."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from flowers_fastai.audit import MAX_DISTANCE, audit_items, duplicate_groups, fl
 from flowers_fastai.data import grouped_stratified_split
 from flowers_fastai.labels import CLASSES
 
-from .conftest import DATA_DIR
+from .helpers import COLOURS, DATA_DIR, colour_data_folder
 
 
 def test_groups_are_transitive_and_stop_at_the_distance_threshold():
@@ -106,7 +108,7 @@ def test_real_folder_audit_finds_the_photos_filed_as_rose_and_tulip():
 def test_train_py_audit_reads_several_folders_and_finds_copies_across_them(tmp_path):
     import subprocess
     import sys
-    from .conftest import REPO
+    from .helpers import REPO
     a, b = tmp_path / 'a', tmp_path / 'b'
     for k, c in enumerate(CLASSES):
         for root, offset in ((a, 0), (b, 50)):
@@ -119,3 +121,14 @@ def test_train_py_audit_reads_several_folders_and_finds_copies_across_them(tmp_p
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith('31 photos; 1 groups of copies')
     assert f'daisy: {a / "daisy" / "0.jpg"}  |  rose: {b / "rose" / "copy_of_a_daisy.jpg"}' in out.stdout
+
+
+def test_the_audit_report_warns_of_a_class_it_empties(tmp_path):
+    from flowers_fastai.audit import audit_items
+    from flowers_fastai.data import scan_image_folder
+    data = colour_data_folder(tmp_path / 'data', {c: 3 for c in COLOURS})
+    for photo in (data / 'rose').glob('*.jpg'):
+        shutil.copy(photo, data / 'tulip' / photo.name.replace('_x', '_copy'))
+    report = audit_items(scan_image_folder(data).items).report()
+    assert "class 'rose' keeps 0 of its 3 photos" in report
+    assert report.count('Warning:') == 1   # tulip keeps its own 3 photos

@@ -1,16 +1,22 @@
-"""The photo folder: scanning, class-name normalisation, problems reported before training, the stratified split."""
+"""The photo folder: scanning, class-name normalisation, problems reported before training (a file no decoder
+reads, of any kind, listed and left out; other threads' warnings kept while the scan decodes), the stratified
+split, several data folders."""
 from __future__ import annotations
 
+import os
+import warnings
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from flowers_fastai.data import DatasetError, scan_image_folder, stratified_split
 from flowers_fastai.labels import CLASSES, normalize_class_name
 
-from .conftest import DATA_DIR
+from .helpers import (DATA_DIR, PHOTOS, check_outcomes, decode_concurrently, dds_unknown_fourcc, noisy_jpeg,
+                      truncated_copy)
 
 
 def make_folder(root, names=('daisy', 'dandelion', 'Roses', 'sunflowers', 'TULIPS'), per_class=3, size=(24, 16)):
@@ -236,3 +242,70 @@ def test_real_folders_split_together_give_the_first_its_split_alone():
     both = split_photos([DATA_DIR, flickr], 'stratified', 0.2, 0)
     assert len(alone) == 778 and _valid_paths(both, source=0) == alone
     assert len(_valid_paths(both, source=1)) == 606
+
+
+# ------------------------------------------------------------------------------------------- undecodable files
+def _deeper_than_path_max(top: Path) -> Path:
+    """Folders 20 deep of 250-character names under `top`, a photo at the bottom: made through directory file
+    descriptors, since no path reaches there. Returns the first folder whose path is over PATH_MAX (4096)."""
+    fd, path, first_too_long = os.open(top, os.O_RDONLY), top, None
+    try:
+        for i in range(20):
+            name = chr(ord('a') + i) * 250
+            os.mkdir(name, dir_fd=fd)
+            fd, old = os.open(name, os.O_RDONLY, dir_fd=fd), fd
+            os.close(old)
+            path = path / name
+            if first_too_long is None and len(os.fsencode(path)) >= 4096:
+                first_too_long = path
+        with open(os.open('deep.jpg', os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), 'wb') as f:
+            f.write(PHOTOS[0].read_bytes())
+    finally:
+        os.close(fd)
+    return first_too_long
+
+
+def test_the_training_scan_lists_each_undecodable_file_and_keeps_the_others(tmp_path, hostile_format):
+    pytest.importorskip('fastai')
+    from flowers_fastai.data import scan_image_folder
+    root = tmp_path / 'data'
+    for k, c in enumerate(CLASSES):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            noisy_jpeg(root / c / f'{c}{i}.jpg', seed=10 * k + i)
+    dds = dds_unknown_fourcc(root / 'rose' / 'texture.jpg')
+    crafted = hostile_format(root / 'tulip' / 'crafted.png', RuntimeError('decoder crashed'))
+    memory = hostile_format(root / 'daisy' / 'memory.png', MemoryError())
+    too_deep = _deeper_than_path_max(root / 'sunflower')
+    with pytest.warns(UserWarning, match='left out 4 unreadable photo'):
+        scanned = scan_image_folder(root)
+    assert {p for p, _ in scanned.unreadable} == {dds, crafted, memory, too_deep}
+    assert all(str(p) in why for p, why in scanned.unreadable)
+    assert len(scanned.items) == 2 * len(CLASSES) and scanned.counts() == {c: 2 for c in CLASSES}
+
+
+def test_the_training_scan_loses_no_other_threads_truncation_warning(tmp_path, tiny_pixel_limit,
+                                                                   fast_thread_switches):
+    """The scan must not decode under warnings.catch_warnings + 'ignore': the filters are process-wide, so while it
+    scanned, other threads' TruncatedImageWarnings would vanish (and the filters could be left changed)."""
+    pytest.importorskip('fastai')
+    from flowers_fastai.data import scan_image_folder
+    root = tmp_path / 'data'
+    for k, c in enumerate(CLASSES):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            noisy_jpeg(root / c / f'{c}{i}.jpg', seed=10 * k + i)
+    truncated_copy(noisy_jpeg(tmp_path / 'src.jpg', seed=99), root / 'rose' / 'truncated.jpg')
+    truncated = [truncated_copy(noisy_jpeg(tmp_path / f'src{i}.jpg', seed=i), tmp_path / f'truncated{i}.jpg')
+                 for i in range(3)]
+    jobs = ([('truncated', p) for p in truncated] + [('bomb', p) for p in tiny_pixel_limit]) * 60
+    with warnings.catch_warnings(record=True) as recorded:
+        warnings.simplefilter('always')
+        filters_before = list(warnings.filters)
+        scans = []
+        results = decode_concurrently(jobs, n_threads=4, extra=lambda: scans.append(scan_image_folder(root)))
+        filters_after = list(warnings.filters)
+    assert scans and all(len(s.items) == 16 and not s.unreadable for s in scans)   # the truncated one is kept
+    assert filters_after == filters_before
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    check_outcomes(results, recorded)

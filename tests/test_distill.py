@@ -25,8 +25,7 @@ from flowers_fastai.distill import load_teacher
 from flowers_fastai.teachers import lukemelas_to_timm, timm_pretrained_file, wheel_file
 from flowers_fastai.training import train
 
-from .conftest import EXAMPLES, interrupt_after_first_epoch
-from .test_training import PLAIN, TINY_CNN
+from .helpers import EXAMPLES, PLAIN, TINY_CNN, TINY_TEACHER, interrupt_after_first_epoch
 
 # EfficientNet-Lite0 as the lukemelas EfficientNet-PyTorch package lays it out: per stage (repeats, kernel, stride
 # of its first block, expansion, output channels); stem 32 channels, head 1280. Written from the paper's table, not
@@ -163,10 +162,6 @@ def test_kd_loss_is_zero_when_student_and_teacher_agree_and_positive_otherwise()
     centred = (logits - logits.mean(1, keepdim=True)) - (other - other.mean(1, keepdim=True))
     limit = float((centred ** 2).sum(1).mean() / (2 * 5))
     assert float(kd_loss(logits, other, 100.0)) == pytest.approx(limit, rel=1e-2)
-
-
-TINY_TEACHER = TEACHER.override(arch='test_efficientnet', size=32, bs=8, epochs=1, freeze_epochs=1, valid_pct=0.25,
-                                **PLAIN)
 
 
 @pytest.fixture(scope='module')
@@ -411,7 +406,7 @@ def test_the_recipe_reads_one_teacher_several_or_none_as_older_runs_saved_them()
 
 def test_train_py_takes_several_teachers_and_data_folders():
     import importlib.util
-    from .conftest import REPO
+    from .helpers import REPO
     spec = importlib.util.spec_from_file_location('train_cli', REPO / 'train.py')
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)

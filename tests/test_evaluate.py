@@ -1,10 +1,14 @@
 """flowers_fastai.evaluate: the CLI end to end on a small real folder (shipped CNN, with and without TTA, fastai
 not importable), its files agreeing with each other, bad files reported and never counted, the ensemble form,
-and the metrics on a hand-computed example."""
+and the metrics on a hand-computed example; and, as for predict's command line, hostile files and places:
+non-UTF-8 file names written as their own bytes, an --out inside the data folder refused, earlier results replaced
+with a note, spreadsheet formulas neutralised in every CSV, an --out that cannot be written, decoder errors of any
+type as one failed row."""
 from __future__ import annotations
 
-import csv
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +22,9 @@ from flowers_fastai import evaluate as ev
 from flowers_fastai.labels import CLASSES
 from flowers_fastai.submit import load_cnn_model, load_ensemble, predict_proba
 
-from .conftest import REPO, real_photos
+from .helpers import (BAD_RAW, GOOD_RAW, PHOTOS, PIL_OPEN_ERRORS, REPO, assert_formula_safe, exit_code, fs_name,
+                      labelled, read_rows, real_photos)
+
 
 SHIPPED = REPO / 'weights' / 'cnn_flowers.pth'
 # the folder names as they come in the wild: normalised to the class names
@@ -43,15 +49,10 @@ def labelled_folder(tmp_path_factory) -> Path:
     return root
 
 
-def read_csv(path: Path) -> list[list[str]]:
-    with path.open(newline='') as f:
-        return list(csv.reader(f))
-
-
 def check_files_agree(out: Path, suffix: str, metrics: dict, n_photos: int) -> None:
     """metrics.json's numbers are those of the confusion-matrix CSV; misclassified.csv holds exactly the
     off-diagonal photos; predictions.csv every photo evaluated."""
-    rows = read_csv(out / f'confusion_matrix{suffix}.csv')
+    rows = read_rows(out / f'confusion_matrix{suffix}.csv')
     assert rows[0][1:] == CLASSES and [r[0] for r in rows[1:]] == CLASSES
     cm = [[int(v) for v in r[1:]] for r in rows[1:]]
     assert metrics['confusion_matrix'] == cm
@@ -73,12 +74,12 @@ def check_files_agree(out: Path, suffix: str, metrics: dict, n_photos: int) -> N
     assert metrics['macro_f1'] == pytest.approx(sum(f1s) / len(f1s))
     assert 0.0 <= metrics['ece'] <= 1.0
 
-    wrong = read_csv(out / f'misclassified{suffix}.csv')
+    wrong = read_rows(out / f'misclassified{suffix}.csv')
     assert wrong[0] == ['path', 'true', 'predicted'] + CLASSES
     assert len(wrong) - 1 == total - trace == metrics['n_misclassified']
     for path, true, predicted, *p in wrong[1:]:
         assert true != predicted and CLASSES[max(range(5), key=lambda k: float(p[k]))] == predicted
-    predictions = read_csv(out / f'predictions{suffix}.csv')[1:]
+    predictions = read_rows(out / f'predictions{suffix}.csv')[1:]
     assert len(predictions) == n_photos
     assert not any(r[0].endswith(('broken.jpg', 'notes.txt')) for r in predictions)
     for path, true, predicted, *p in predictions:
@@ -115,7 +116,7 @@ def test_cli_end_to_end_with_the_shipped_cnn_plain_and_tta_without_fastai(labell
         check_files_agree(out, suffix, metrics[variant], n_photos=10)
         assert_png(out / f'confusion_matrix{suffix}.png')
     assert_png(out / 'reliability.png')
-    assert read_csv(out / 'failed.csv')[1][0].endswith('broken.jpg')
+    assert read_rows(out / 'failed.csv')[1][0].endswith('broken.jpg')
     # the shipped model is far better than chance on real photos (most of them it was trained on)
     assert metrics['plain']['accuracy'] >= 0.6 and metrics['tta']['accuracy'] >= 0.6
 
@@ -227,7 +228,7 @@ def test_two_weights_files_evaluate_their_ensemble(labelled_folder, tmp_path, mo
     check_files_agree(out, '', metrics['plain'], n_photos=10)
     # the numbers are those of the delivery ensemble
     ensemble = load_ensemble(tiny_cnn_file, tiny_vit_file)
-    path, _, _, *p = read_csv(out / 'predictions.csv')[1]
+    path, _, _, *p = read_rows(out / 'predictions.csv')[1]
     expected = predict_proba(ensemble, path)
     assert [float(v) for v in p] == pytest.approx([expected[c] for c in CLASSES], abs=1e-5)
 
@@ -238,8 +239,8 @@ def test_int8_row_reports_the_vit_accuracy_beside_fp32_and_their_agreement(label
     assert ev.main(['--weights', str(tiny_vit_file), '--data', str(labelled_folder), '--int8', '--out', str(out)]) == 0
     metrics = json.loads((out / 'metrics.json').read_text())
     assert metrics['int8']['n_photos'] == metrics['plain']['n_photos'] == 10
-    plain = read_csv(out / 'predictions.csv')[1:]
-    int8 = read_csv(out / 'predictions_int8.csv')[1:]
+    plain = read_rows(out / 'predictions.csv')[1:]
+    int8 = read_rows(out / 'predictions_int8.csv')[1:]
     assert [r[0] for r in plain] == [r[0] for r in int8]
     same = sum(a[2] == b[2] for a, b in zip(plain, int8)) / len(plain)
     assert metrics['int8']['agreement_with_plain'] == pytest.approx(same)
@@ -290,3 +291,85 @@ def test_several_folders_are_evaluated_together_with_each_folders_accuracy(label
         assert by_folder[name]['accuracy'] == pytest.approx(right / len(items))
     assert metrics['plain']['n_photos'] == 15 and 'accuracy by folder: smallset' in capsys.readouterr().out
     assert ev.default_out([tiny_cnn_file], [labelled_folder, second]).name == 'cnn_flowers-smallset+second'
+
+
+# ------------------------------------------------------------------------------------------ hostile files and places
+def test_evaluate_writes_non_utf8_file_names_as_their_own_bytes(weights, tmp_path, capsysbinary):
+    data = labelled(tmp_path / 'data', {'rose': [(fs_name(GOOD_RAW), PHOTOS[0]), ('r.jpg', PHOTOS[1])],
+                                        'daisy': [(fs_name(BAD_RAW), b'not an image'), ('d.jpg', PHOTOS[2])]})
+    out = tmp_path / 'out'
+    assert exit_code(ev.main, ['--weights', weights, '--data', data, '--out', out]) == 0
+    stdout, _ = capsysbinary.readouterr()
+    good, bad = data / 'rose' / fs_name(GOOD_RAW), data / 'daisy' / fs_name(BAD_RAW)
+    assert os.fsencode(bad) in stdout                                 # the summary's list of failed files
+    assert str(good) in [row[0] for row in read_rows(out / 'predictions.csv')[1:]]
+    assert [row[0] for row in read_rows(out / 'failed.csv')[1:]] == [str(bad)]
+    metrics = json.loads((out / 'metrics.json').read_text(encoding='ascii'))   # JSON escapes them: still lossless
+    assert metrics['failed'][0]['path'] == str(bad)
+    misclassified = read_rows(out / 'misclassified.csv')
+    assert misclassified[0][0] == 'path'
+
+
+def test_evaluate_refuses_an_out_inside_the_data_folder_and_leaves_the_photos(weights, tmp_path, capsys):
+    data = labelled(tmp_path / 'data', {'rose': [('r.jpg', PHOTOS[0])], 'daisy': [('d.jpg', PHOTOS[1])]})
+    with Image.open(PHOTOS[2]) as img:      # a photo whose name evaluate writes: it must survive
+        img.save(data / 'rose' / 'reliability.png')
+    before = (data / 'rose' / 'reliability.png').read_bytes()
+    code = exit_code(ev.main, ['--weights', weights, '--data', data, '--out', data / 'rose'])
+    err = capsys.readouterr().err
+    assert code == 2 and 'inside the data folder' in err and 'Traceback' not in err
+    assert (data / 'rose' / 'reliability.png').read_bytes() == before
+    assert sorted(p.name for p in (data / 'rose').iterdir()) == ['r.jpg', 'reliability.png']
+
+
+def test_evaluate_says_when_it_replaces_earlier_results(weights, tmp_path, capsys):
+    data = labelled(tmp_path / 'data', {'rose': [('r.jpg', PHOTOS[0])]})
+    out = tmp_path / 'out'
+    assert exit_code(ev.main, ['--weights', weights, '--data', data, '--out', out]) == 0
+    assert 'replacing' not in capsys.readouterr().err
+    assert exit_code(ev.main, ['--weights', weights, '--data', data, '--out', out]) == 0
+    assert 'replacing the earlier results' in capsys.readouterr().err
+
+
+def test_every_csv_evaluate_writes_neutralises_cells_that_start_a_formula(weights, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = labelled(tmp_path / '=data', {'rose': [('=r.jpg', PHOTOS[0]), ('-r2.jpg', PHOTOS[1])],
+                                         'daisy': [('@d.jpg', PHOTOS[2]), ('+broken.jpg', b'not an image')]})
+    out = tmp_path / 'out'
+    assert exit_code(ev.main, ['--weights', weights, '--data', '=data', '--out', out, '--tta']) == 0
+    written = sorted(out.glob('*.csv'))
+    assert {p.name for p in written} >= {'predictions.csv', 'misclassified.csv', 'failed.csv',
+                                         'confusion_matrix.csv', 'predictions_tta.csv'}
+    for path in written:
+        assert_formula_safe(read_rows(path))
+    assert read_rows(out / 'failed.csv')[1][0] == "'" + str(Path('=data') / 'daisy' / '+broken.jpg')
+    assert data.is_dir()
+
+
+@pytest.mark.parametrize('kind', ['a file', 'under a file', 'a full disk midway'])
+def test_an_evaluate_out_that_cannot_be_written_is_one_line_and_a_non_zero_exit(kind, weights, tmp_path, capsys,
+                                                                                monkeypatch):
+    data = labelled(tmp_path / 'data', {'rose': [('r.jpg', PHOTOS[0])]})
+    blocker = tmp_path / 'a_file.txt'
+    blocker.write_text('a file, not a folder\n')
+    out = {'a file': blocker, 'under a file': blocker / 'out', 'a full disk midway': tmp_path / 'out'}[kind]
+    if kind == 'a full disk midway':
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        monkeypatch.setattr(ev, 'write_confusion_png', full)
+    code = exit_code(ev.main, ['--weights', weights, '--data', data, '--out', out])
+    err = capsys.readouterr().err
+    assert code not in (0, 1), err
+    assert len(err.strip().splitlines()) == 1 and err.startswith('error:') and str(out) in err, err
+    assert blocker.read_text() == 'a file, not a folder\n'
+
+
+@pytest.mark.parametrize('hostile_decoder', PIL_OPEN_ERRORS[:2], indirect=True, ids=lambda e: type(e).__name__)
+def test_a_decoder_error_of_any_type_is_one_failed_row_of_evaluate(hostile_decoder, weights, tmp_path):
+    data = labelled(tmp_path / 'data', {'rose': [('r.jpg', PHOTOS[0]), ('r_hostile.jpg', PHOTOS[1])],
+                                        'daisy': [('d.jpg', PHOTOS[2])]})
+    out = tmp_path / 'out'
+    assert exit_code(ev.main, ['--weights', weights, '--data', data, '--out', out, '--batch-size', '2']) == 0
+    metrics = json.loads((out / 'metrics.json').read_text())
+    assert metrics['n_evaluated'] == 2 and metrics['n_failed'] == 1
+    assert [Path(row[0]).name for row in read_rows(out / 'failed.csv')[1:]] == ['r_hostile.jpg']

@@ -18,7 +18,7 @@ from flowers_fastai.models import create_model
 from flowers_fastai.preprocess import Preprocessing
 from flowers_fastai.recipes import CNN, RECIPES
 
-from .conftest import real_photos
+from .helpers import real_photos
 
 
 def test_every_recipe_has_one_family_entry_and_the_delivered_ones_are_cnn_and_vit():

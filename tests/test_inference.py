@@ -1,4 +1,5 @@
-"""Calibrated probabilities, TTA, ensembles and batches (inference.py, submit.predict_proba / load_ensemble)."""
+"""Calibrated probabilities, TTA, ensembles and batches (inference.py, submit.predict_proba / load_ensemble): in a
+batch, a file that fails to decode, whatever the decoder raises, is one error row and the others are classified."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from flowers_fastai.labels import CLASSES
 from flowers_fastai.preprocess import load_for_model, open_image, resize_center_crop
 from flowers_fastai.submit import load_cnn_model, load_ensemble, load_vit_model, predict, predict_proba
 
-from .conftest import EXAMPLES
+from .helpers import EXAMPLES, PHOTOS, bad_files, flat_psd
 
 
 def _photos():
@@ -82,3 +83,22 @@ def test_batches_give_each_files_own_probabilities_and_a_bad_file_is_a_row_not_a
         if r.error is None:
             assert r.probabilities == pytest.approx(predict_proba(model, r.path), abs=1e-5)
             assert r.label == predict(model, r.path)
+
+
+def test_predict_files_gives_one_error_row_per_bad_file_and_classifies_the_rest(tmp_path, cnn_model,
+                                                                               hostile_format):
+    bad = bad_files(tmp_path / 'bad')
+    crafted = hostile_format(tmp_path / 'crafted.png', NotImplementedError('Unimplemented pixel format'))
+    flat = flat_psd(tmp_path / 'flat.psd')
+    paths = [PHOTOS[0], bad['dds_named_jpg'], PHOTOS[1], bad['path_of_5000_chars'], crafted, flat, PHOTOS[2],
+             bad['dds_unknown_fourcc'], PHOTOS[3]]
+    for tta in (False, True):
+        rows = list(predict_files(cnn_model, paths, batch_size=2, tta=tta))
+        assert [row.path for row in rows] == paths
+        failed = {row.path for row in rows if row.error}
+        assert failed == {bad['dds_named_jpg'], bad['path_of_5000_chars'], crafted, bad['dds_unknown_fourcc']}
+        for row in rows:
+            if row.error:
+                assert row.error.startswith('ValueError: ') and str(row.path) in row.error
+            else:
+                assert row.label in CLASSES

@@ -97,8 +97,9 @@ def test_loaded_model_predicts_without_page_faulting_its_activations_in_again(ti
 
 
 def test_loading_leaves_malloc_alone_unless_the_caller_opts_in(tiny_cnn_file, tiny_vit_file, monkeypatch):
-    """No process-wide mallopt at load (issue 14): loading and packing never reach glibc's mallopt; the explicit
-    `keep_freed_memory()` does, with the documented values (so this spy would see a loader that called it)."""
+    """No process-wide mallopt at load (it would change how the caller's whole process allocates): loading and
+    packing never reach glibc's mallopt; the explicit `keep_freed_memory()` does, with the documented values (so
+    this spy would see a loader that called it)."""
     import ctypes
 
     from flowers_fastai import inference_nets
@@ -181,7 +182,7 @@ def test_a_missing_or_broken_onednn_op_falls_back_to_the_plain_path(tiny_cnn_fil
     from flowers_fastai import inference_nets
     from flowers_fastai.preprocess import load_for_model
     from flowers_fastai.submit import load_cnn_model, load_vit_model
-    from .conftest import EXAMPLES
+    from .helpers import EXAMPLES
     photo = next(iter(sorted(EXAMPLES.glob('*.jpg'))))
     expected = {}
     for name, load, path in (('cnn', load_cnn_model, tiny_cnn_file), ('vit', load_vit_model, tiny_vit_file)):
@@ -219,7 +220,7 @@ def test_requirements_and_pyproject_give_the_torch_range_the_onednn_ops_were_run
 
     from packaging.requirements import Requirement
 
-    from .conftest import REPO
+    from .helpers import REPO
     listed = [Requirement(line) for line in (REPO / 'requirements.txt').read_text().splitlines()
               if line.strip() and not line.startswith('#')]
     declared = tomllib.loads((REPO / 'pyproject.toml').read_text())['project']['dependencies']
@@ -236,7 +237,7 @@ def test_int8_packing_leaves_the_process_warning_filters_alone(tiny_vit_file, mo
     import warnings
 
     from flowers_fastai.submit import load_vit_model, predict_proba, quantize_int8
-    from .conftest import EXAMPLES
+    from .helpers import EXAMPLES
 
     def forbidden(*args, **kwargs):
         raise AssertionError('the process-wide warning filters were changed')

@@ -11,8 +11,7 @@ from flowers_fastai.lora import TARGETS, apply_lora, is_lora_parameter, merge_lo
 from flowers_fastai.preprocess import load_for_model
 from flowers_fastai.recipes import VIT
 
-from .conftest import resume_point
-from .test_training import PLAIN, _fastai_logits
+from .helpers import PLAIN, StageSpy, fastai_logits, resume_point
 
 
 @pytest.fixture
@@ -68,7 +67,7 @@ def test_lora_training_keeps_the_tower_and_exports_a_merged_plain_file(colour_fo
     model = load_vit_model(out)
     photo = next(iter(colour_folder.glob('tulip/*.jpg')))
     torch.testing.assert_close(model(load_for_model(photo, model.flowers_preprocessing))[0],
-                               _fastai_logits(learn, [photo])[0], atol=1e-5, rtol=0)
+                               fastai_logits(learn, [photo])[0], atol=1e-5, rtol=0)
 
 
 def test_merging_a_lora_checkpoint_without_its_model_gives_the_merged_models_weights(tiny_model):
@@ -109,7 +108,6 @@ def test_lora_then_light_full_fine_tune_merges_trains_every_weight_and_exports(c
     from flowers_fastai.lora import has_lora
     from flowers_fastai.submit import load_vit_model
 
-    from .test_training import StageSpy
     clip, stand_in = _stand_in_clip(tiny_clip_name, tmp_path)
     spy, make = StageSpy(), training.make_learner
     monkeypatch.setattr(training, 'make_learner', lambda *a, **k: make(*a, **k).add_cb(spy.callback()))
@@ -131,7 +129,7 @@ def test_lora_then_light_full_fine_tune_merges_trains_every_weight_and_exports(c
     model = load_vit_model(out)
     photo = next(iter(colour_folder.glob('daisy/*.jpg')))
     torch.testing.assert_close(model(load_for_model(photo, model.flowers_preprocessing))[0],
-                               _fastai_logits(learn, [photo])[0], atol=1e-5, rtol=0)
+                               fastai_logits(learn, [photo])[0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize('crash_at', [(1, 0), (2, 0)], ids=['end-of-lora-phase', 'inside-full-fine-tune'])
@@ -161,4 +159,4 @@ def test_lora_run_resumes_across_the_merge(colour_folder, tmp_path, tiny_clip_na
     model = load_vit_model(export_run(tmp_path / 'run', tmp_path / 'vit_flowers.pth'))
     photo = next(iter(colour_folder.glob('rose/*.jpg')))
     torch.testing.assert_close(model(load_for_model(photo, model.flowers_preprocessing))[0],
-                               _fastai_logits(learn, [photo])[0], atol=1e-5, rtol=0)
+                               fastai_logits(learn, [photo])[0], atol=1e-5, rtol=0)

@@ -16,8 +16,7 @@ import torch
 from flowers_fastai.architectures import infer_cnn_arch
 from flowers_fastai.recipes import CNN, Phase
 
-from .conftest import DATA_DIR, REPO
-from .test_pretrained import timm_convnextv2_source, write_cnn_file
+from .helpers import DATA_DIR, REPO, timm_convnextv2_source, write_cnn_file
 
 NOTEBOOK = REPO / 'docs' / 'notebook.ipynb'
 TINY = dict(arch='convnextv2_atto', size=32, bs=8)

@@ -9,7 +9,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from .conftest import EXAMPLES, REPO
+from .helpers import EXAMPLES, REPO
 
 
 def test_a_wheel_installed_offline_imports_loads_the_shipped_cnn_and_classifies(tmp_path):

@@ -14,8 +14,7 @@ from flowers_fastai.photo_cache import BatchCropAugment, PhotoCache, cached_data
 from flowers_fastai.preprocess import cnn_preprocessing
 from flowers_fastai.training import train
 
-from .conftest import interrupt_after_first_epoch
-from .test_training import TINY_CNN
+from .helpers import TINY_CNN, interrupt_after_first_epoch
 
 
 def test_crop_boxes_follow_random_resized_crop():

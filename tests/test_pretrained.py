@@ -4,12 +4,14 @@ architecture inference.
 No model hub is reachable here and no package carries ConvNeXt V2 or CLIP weights, so every file below is a
 stand-in written in the published layout from a randomly initialised model (every tensor randomised, so that
 no value can coincide with a fresh initialisation). Each load must bring every backbone tensor over unchanged
-and leave only the 5-class head new.
+and leave only the 5-class head new. A crafted pretrained file (a torch zip, a plain pickle, a TorchScript
+archive) is refused without running its code, and TorchScript archives are read without torch.jit.load.
 """
 from __future__ import annotations
 
-import re
+import pickle
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,24 +28,14 @@ from flowers_fastai.labels import CLASSES
 from flowers_fastai.models import create_model
 from flowers_fastai.recipes import RECIPES
 
+from .helpers import (RunsCode, crafted_torch_file, randomized, timm_convnextv2_source, timm_to_fb,
+                      write_cnn_file)
+
 CNN_ATTO = RECIPES['cnn'].override(arch='convnextv2_atto')
 ATTO_DEPTHS, ATTO_DIMS = CONVNEXTV2_SIZES['atto']
 
 
-def randomized(state_dict: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """Every floating tensor replaced by fresh normal noise (same shape and dtype), contiguous and unshared."""
-    g = torch.Generator().manual_seed(seed)
-    return {k: (torch.randn(v.shape, generator=g).to(v.dtype) if v.is_floating_point() else v.clone()).contiguous()
-            for k, v in state_dict.items()}
-
-
 # ============================================================================================ ConvNeXt V2
-def timm_convnextv2_source(arch: str, seed: int) -> dict[str, torch.Tensor]:
-    """What timm publishes for `arch`: the 1000-class ImageNet model's state_dict, here with random values."""
-    import timm
-    return randomized(timm.create_model(arch, pretrained=False, num_classes=1000).state_dict(), seed)
-
-
 def fb_key_names(depths, with_head: bool = True) -> set[str]:
     """The key names of Facebook's original ConvNeXt-V2 `model` (facebookresearch/ConvNeXt-V2 models/convnextv2.py),
     written out independently of timm."""
@@ -60,44 +52,6 @@ def fb_key_names(depths, with_head: bool = True) -> set[str]:
     if with_head:
         keys |= {'head.weight', 'head.bias'}
     return keys
-
-
-def timm_to_fb(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of timm's convnext `checkpoint_filter_fn` (FB -> timm): timm names back to Facebook's, GRN
-    parameters back to their 1x1x1xC shape and the pointwise 1x1 convs back to Facebook's 2-D nn.Linear weights."""
-    out = {}
-    for k, v in state_dict.items():
-        k = re.sub(r'^stem\.(\d)\.', r'downsample_layers.0.\1.', k)
-        k = re.sub(r'^stages\.(\d)\.downsample\.(\d)\.', r'downsample_layers.\1.\2.', k)
-        k = re.sub(r'^stages\.(\d)\.blocks\.(\d+)\.', r'stages.\1.\2.', k)
-        k = k.replace('conv_dw.', 'dwconv.').replace('mlp.fc1.', 'pwconv1.').replace('mlp.fc2.', 'pwconv2.')
-        if re.search(r'\.pwconv[12]\.weight$', k):   # FB: nn.Linear (out, in); timm: 1x1 conv (out, in, 1, 1)
-            v = v.reshape(v.shape[0], v.shape[1])
-        if '.mlp.grn.' in k:
-            k = k.replace('mlp.grn.weight', 'grn.gamma').replace('mlp.grn.bias', 'grn.beta')
-            v = v.reshape(1, 1, 1, -1)
-        k = re.sub(r'^head\.norm\.', 'norm.', k)
-        k = re.sub(r'^head\.fc\.', 'head.', k)
-        out[k] = v.clone()
-    return out
-
-
-def write_cnn_file(state_dict: dict[str, torch.Tensor], folder: Path, fmt: str) -> Path:
-    """`state_dict` (timm names) in one of the published file formats."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if fmt == 'safetensors':        # timm on the Hugging Face hub: model.safetensors
-        from safetensors.torch import save_file
-        path = folder / 'model.safetensors'
-        save_file(state_dict, str(path))
-    elif fmt in ('bin', 'pth'):     # timm's pytorch_model.bin / a .pth: torch.save of the state_dict
-        path = folder / ('pytorch_model.bin' if fmt == 'bin' else 'convnextv2_atto.pth')
-        torch.save(state_dict, path)
-    elif fmt == 'fb':               # Facebook's original release: {'model': {...FB names...}}
-        path = folder / 'convnextv2_atto_1k_224_ema.pt'
-        torch.save({'model': timm_to_fb(state_dict)}, path)
-    else:
-        raise AssertionError(fmt)
-    return path
 
 
 @pytest.fixture(scope='module')
@@ -554,3 +508,46 @@ def test_train_cli_names_the_published_tags_when_the_default_does_not_exist(tiny
                     '--runs', str(tmp_path / 'runs'), '--valid-pct', '0.4'])
     assert str(info.value.code).startswith("error: timm publishes no weights named 'convnextv2_atto.fcmae_ft_in22k_in1k'")
     assert 'fcmae_ft_in1k' in str(info.value.code)
+
+
+# ============================================================================================ crafted files
+PRETRAINED_CONTAINERS = ['torch_zip', 'plain_pickle', 'torchscript_archive']
+
+
+@pytest.mark.parametrize('container', PRETRAINED_CONTAINERS)
+def test_crafted_pretrained_file_is_refused_and_never_runs(container, tmp_path):
+    from flowers_fastai.models import create_model
+    from flowers_fastai.recipes import RECIPES
+    marker = tmp_path / 'marker'
+    path = tmp_path / 'convnextv2_atto.pt'
+    if container == 'torch_zip':
+        crafted_torch_file(path, marker, {'stem.0.weight': torch.ones(1)})
+    elif container == 'plain_pickle':
+        path.write_bytes(pickle.dumps({'evil': RunsCode(marker)}))
+    else:   # looks like OpenAI's TorchScript CLIP files (a zip with constants.pkl), its data.pkl runs code
+        with zipfile.ZipFile(path, 'w') as z:
+            for name in ('data.pkl', 'constants.pkl'):
+                z.writestr(f'archive/{name}', pickle.dumps(RunsCode(marker), protocol=2))
+            z.writestr('archive/version', '3\n')
+    with pytest.raises(ValueError) as err:
+        create_model(RECIPES['cnn'].override(arch='convnextv2_atto'), pretrained=path)
+    assert not marker.exists(), 'code in the pretrained file ran'
+    assert str(path) in str(err.value) and '\n' not in str(err.value)
+
+
+def test_torchscript_pretrained_file_is_read_without_torch_jit_load(tmp_path, monkeypatch):
+    """torch.jit.load would run the archive's TorchScript code (its __setstate__ methods): the tensors are read
+    from the archive instead, the same ones jit.load gives."""
+    from flowers_fastai.pretrained import read_checkpoint
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.LayerNorm(2), torch.nn.Linear(2, 5)).half()
+    path = tmp_path / 'ViT-Test.pt'
+    torch.jit.save(torch.jit.script(model), str(path))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError('torch.jit.load runs code in the archive')
+    monkeypatch.setattr(torch.jit, 'load', forbidden)
+    state = read_checkpoint(path)
+    assert sorted(state) == sorted(model.state_dict())
+    for key, value in model.state_dict().items():
+        assert state[key].dtype == value.dtype and torch.equal(state[key], value)

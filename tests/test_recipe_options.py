@@ -11,7 +11,7 @@ import train as train_cli
 from flowers_fastai.recipe_options import NOT_OPTIONS, add_recipe_options, flag, option_fields
 from flowers_fastai.recipes import RECIPES, RENAMED, VIT, Recipe
 
-from .conftest import REPO
+from .helpers import REPO
 
 
 def _recipe_actions(parser: argparse.ArgumentParser) -> dict:

@@ -10,7 +10,7 @@ import torch
 
 from flowers_fastai.labels import CLASSES
 
-from .conftest import EXAMPLES, REPO
+from .helpers import EXAMPLES, REPO
 
 SHIPPED = REPO / 'weights' / 'cnn_flowers.pth'
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from .helpers import REPO, TINY_TEACHER
 
 
 def load_script(name: str):
@@ -114,7 +114,6 @@ def test_kd_long_report_soup_is_the_uniform_average_of_one_networks_files(tmp_pa
 def test_teachers_report_scores_each_teacher_as_training_validated_it_and_refuses_mixed_splits(colour_folder,
                                                                                              tmp_path, capsys):
     from flowers_fastai.training import train
-    from .test_distill import TINY_TEACHER
     runs = {}
     for name, seed in (('a', 0), ('b', 0), ('other-split', 1)):
         runs[name] = tmp_path / name

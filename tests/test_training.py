@@ -1,12 +1,23 @@
-"""Training with fastai end to end on tiny models: the run folder, resume, export, and that `submit` predicts
-exactly what the fastai learner predicts."""
+"""Training with fastai end to end on tiny models: the run folder and its reports, the phases and their learning
+rates, EMA, early stopping, lr_find, data-parallel training, resume, and what cannot train:
+
+- resume goes on after the last finished epoch from one resume point (models/last.pth), which a crash mid-write
+  leaves whole; a half-written run folder, or a config.json field out of range, is one sentence naming the file and
+  what to do;
+- no checkpoint is ever unpickled unsafely: a crafted best.pth or last.pth is refused and its code never runs;
+- data that cannot train (a class emptied by the audit, a class on one side of the split, fewer photos than one
+  batch), a run that diverges and options that cannot train stop with one sentence before anything is trained;
+  metrics.json is always strict JSON.
+
+Exporting a finished run is test_export.py's.
+"""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
-
 from pathlib import Path
 
 import numpy as np
@@ -14,20 +25,32 @@ import pandas as pd
 import pytest
 import torch
 
-from flowers_fastai.exporting import export_run, latest_run
-from flowers_fastai.labels import CLASSES
+from flowers_fastai.exporting import export_run
 from flowers_fastai.preprocess import load_for_model
 from flowers_fastai.recipes import CNN, VIT
-from flowers_fastai.submit import load_cnn_model, load_vit_model, predict
+from flowers_fastai.submit import load_cnn_model, load_vit_model
 from flowers_fastai.training import train
 
-from .conftest import REPO, interrupt_after_first_epoch, real_photos, resume_point
+from .helpers import (COLOURS, PLAIN, REPO, StageSpy, TINY_CNN, TINY_EMA, colour_data_folder, colour_photo, copy_run,
+                      crafted_torch_file, fastai_logits, interrupt_after_first_epoch, resume_point,
+                      set_resume_position, torch_load_calls, truncate_file)
 
-# Tests of the training machinery run without the brief's regularisation (tested on its own), at the given LR.
-PLAIN = dict(randaugment=0, color_jitter=0.0, random_erasing=0.0, mixup=0.0, cutmix=0.0, ema_decay=0.0, patience=0,
-             lr_base_bs=0)
-TINY_CNN = CNN.override(arch='convnextv2_atto', size=32, bs=8, epochs=1, lr=1e-3, drop_path=0.0, valid_pct=0.25,
-                        **PLAIN)
+
+def strict_json(path: Path):
+    """JSON as the standard has it: NaN / Infinity are not JSON (Python's json accepts them by default)."""
+    def refuse(name):
+        raise ValueError(f'{path}: {name} is not JSON')
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def as_interrupted_after_epoch_0(run: Path) -> None:
+    """The run folder as a 2-epoch run looks after its first epoch: resume loads models/last.pth and goes on."""
+    set_resume_position(run, phase=0, epoch=0)
+    (run / 'metrics.json').unlink()
+
+
+def _assert_nothing_trained(run: Path) -> None:
+    assert not (run / 'models').exists() and not (run / 'metrics.json').exists()
 
 
 def test_cnn_run_learns_and_writes_its_reports(colour_folder, tmp_path):
@@ -90,69 +113,6 @@ def test_resume_continues_after_the_last_finished_epoch(colour_folder, tmp_path,
     assert set(learn.dls.valid_ds.items.path) == {items[i][0] for i in valid}
 
 
-def _fastai_logits(learn, paths):
-    dl = learn.dls.test_dl(paths, bs=len(paths))
-    learn.model.eval()
-    with torch.no_grad():
-        (x,) = dl.one_batch()
-        return learn.model(x)
-
-
-def test_export_then_submit_gives_the_learners_logits(tmp_path, monkeypatch):
-    photos = [p for paths in real_photos(per_class=1).values() for p in paths]
-    data = tmp_path / 'data'
-    for p in photos + [q for paths in real_photos(per_class=6).values() for q in paths]:
-        (data / p.parent.name).mkdir(parents=True, exist_ok=True)
-        (data / p.parent.name / p.name).write_bytes(p.read_bytes())
-    learn = train(TINY_CNN.override(size=48), data, tmp_path / 'run', pretrained=False)
-
-    out = export_run(tmp_path / 'run', tmp_path / 'out' / 'cnn_flowers.pth')
-    sidecar = json.loads(out.with_suffix('.json').read_text())
-    assert sidecar['image_size'] == 48 and sidecar['arch'] == 'convnextv2_atto'
-    state = torch.load(out, map_location='cpu', weights_only=True)
-    import timm
-    assert list(state) == list(timm.create_model('convnextv2_atto', num_classes=5).state_dict())
-
-    model = load_cnn_model(out)
-    expected = _fastai_logits(learn, photos)
-    for photo, want in zip(photos, expected):
-        got = model(load_for_model(photo, model.flowers_preprocessing))[0]
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-        assert predict(model, photo) == CLASSES[int(want.argmax())]
-
-    half = export_run(tmp_path / 'run', tmp_path / 'out' / 'half.pth', half=True)
-    assert half.stat().st_size < 0.6 * out.stat().st_size
-    model16 = load_cnn_model(half)
-    assert all(p.dtype == torch.float32 for p in model16.parameters())
-    torch.testing.assert_close(model16(load_for_model(photos[0], model16.flowers_preprocessing))[0],
-                               expected[0], atol=2e-2, rtol=0)
-
-
-class StageSpy:
-    """Records, at the first training batch of every fit (phase), which parameter groups train and their LRs."""
-
-    def __init__(self):
-        self.phases = []
-
-    def callback(self):
-        from fastai.vision.all import Callback
-        spy = self
-
-        class Spy(Callback):
-            def before_fit(self):
-                self.first = True
-
-            def after_batch(self):
-                if self.training and self.first:
-                    self.first = False
-                    groups = self.learn.splitter(self.learn.model)
-                    spy.phases.append({
-                        'trains': [all(p.requires_grad for p in g) for g in groups],
-                        'frozen': [not any(p.requires_grad for p in g) for g in groups],
-                        'lr': [h['lr'] for h in self.learn.opt.hypers]})
-        return Spy()
-
-
 def test_vit_stages_freeze_unfreeze_and_decay_lrs_per_block(colour_folder, tmp_path, tiny_clip_name, monkeypatch):
     import open_clip
     from flowers_fastai import training
@@ -186,7 +146,7 @@ def test_vit_stages_freeze_unfreeze_and_decay_lrs_per_block(colour_folder, tmp_p
     assert model.spec == learn.model.spec
     photo = next(iter(colour_folder.glob('rose/*.jpg')))
     torch.testing.assert_close(model(load_for_model(photo, model.flowers_preprocessing))[0],
-                               _fastai_logits(learn, [photo])[0], atol=1e-5, rtol=0)
+                               fastai_logits(learn, [photo])[0], atol=1e-5, rtol=0)
 
 
 def test_cnn_phases_head_then_last_stage_then_all_with_per_stage_lrs(colour_folder, tmp_path, monkeypatch):
@@ -205,14 +165,6 @@ def test_cnn_phases_head_then_last_stage_then_all_with_per_stage_lrs(colour_fold
     top = TINY_CNN.lr / TINY_CNN.backbone_lr_div
     expected = np.array([top / 16, top / 8, top / 4, top / 2, top, TINY_CNN.lr]) / TINY_CNN.lr
     np.testing.assert_allclose(np.array(full['lr']) / full['lr'][-1], expected, rtol=1e-6)
-
-
-def test_latest_run_picks_the_newest_finished_run_of_a_family(colour_folder, tmp_path):
-    runs = tmp_path / 'runs'
-    train(TINY_CNN, colour_folder, runs / 'a', pretrained=False)
-    train(TINY_CNN, colour_folder, runs / 'b', pretrained=False)
-    assert latest_run(runs, 'cnn') == runs / 'b'
-    assert latest_run(runs, 'vit') is None
 
 
 def test_train_help_documents_every_option():
@@ -339,32 +291,6 @@ def test_accelerate_launch_trains_data_parallel_on_two_cpu_processes(colour_fold
     assert load_cnn_model(export_run(tmp_path / 'ddp', tmp_path / 'cnn.pth'))
 
 
-def test_export_calibrates_on_the_runs_validation_photos(colour_folder, tmp_path, capsys):
-    from flowers_fastai.calibration import fit_temperature
-    run = tmp_path / 'run'
-    learn = train(TINY_CNN.override(epochs=3), colour_folder, run, pretrained=False)
-    listed = pd.read_csv(run / 'valid_items.csv')
-    assert set(listed.path) == set(map(str, learn.dls.valid_ds.items.path)) and len(listed) == 15
-    out = export_run(run, tmp_path / 'cnn_flowers.pth')
-    sidecar = json.loads(out.with_suffix('.json').read_text())
-    t, report = sidecar['temperature'], sidecar['calibration']
-    assert report['n_valid'] == 15 and (run / 'reliability.png').stat().st_size > 0
-    # the stored T is the NLL-optimal temperature of the learner's own validation logits
-    logits, targets = learn.get_preds(ds_idx=1, act=lambda x: x)
-    assert t == pytest.approx(fit_temperature(logits, targets), rel=1e-3)
-    assert report['nll_after'] <= report['nll_before'] + 1e-9
-    model = load_cnn_model(out)
-    assert model.flowers_temperature == t
-    plain = export_run(run, tmp_path / 'plain.pth', calibrated=False)
-    assert 'temperature' not in json.loads(plain.with_suffix('.json').read_text())
-    # without the photos (another machine), the export still works, uncalibrated, and says so
-    listed.assign(path=[str(tmp_path / 'gone' / Path(p).name) for p in listed.path]).to_csv(
-        run / 'valid_items.csv', index=False)
-    elsewhere = export_run(run, tmp_path / 'elsewhere.pth')
-    assert 'temperature' not in json.loads(elsewhere.with_suffix('.json').read_text())
-    assert 'not calibrated' in capsys.readouterr().out
-
-
 def test_the_frozen_phase_blocks_field_reads_its_old_name_too():
     """`phase_a_blocks` became `frozen_phase_blocks` (one phase vocabulary): older config.json files, notebooks
     and command lines keep working."""
@@ -390,3 +316,223 @@ def test_a_recipe_refuses_a_field_it_does_not_have_and_lists_the_valid_ones():
         Recipe.from_dict({**asdict(CNN), 'colour': 'red'})
     assert CNN.override(phase_a_blocks=1).frozen_phase_blocks == 1   # a renamed field is still read
     assert CNN.override(lr=None) == CNN                              # None: an option left unset
+
+
+# ----------------------------------------------------------------------------------------- no checkpoint unpickles code
+@pytest.mark.parametrize('target', ['models/best.pth', 'models/last.pth'])
+def test_crafted_checkpoint_in_a_run_folder_is_refused_and_never_runs(target, cnn_run, colour_folder, tmp_path):
+    run = copy_run(cnn_run, tmp_path / 'run')
+    if target != 'models/best.pth':
+        as_interrupted_after_epoch_0(run)   # before crafting: the position lives in last.pth itself
+    marker = tmp_path / 'marker'
+    genuine = torch.load(run / target, map_location='cpu', weights_only=False)   # the test's own file
+    crafted_torch_file(run / target, marker, genuine if isinstance(genuine, dict) else {})
+    with pytest.raises(ValueError) as err:
+        if target == 'models/best.pth':
+            export_run(run, tmp_path / 'cnn.pth', calibrated=False)
+        else:   # --resume: last.pth (weights, optimizer, EMA, position) is loaded at once
+            train(TINY_EMA.override(epochs=2), colour_folder, run, pretrained=False, resume=True)
+    assert not marker.exists(), 'code in the checkpoint ran'
+    assert str(run / target) in str(err.value) and 'refused' in str(err.value)
+    assert not (tmp_path / 'cnn.pth').exists()
+
+
+def test_resume_of_a_vit_lora_run_never_unpickles_a_crafted_last_pth(colour_folder, tmp_path, tiny_clip_name):
+    """`--resume` of a ViT LoRA run reads models/last.pth on a path of its own (a LoRA checkpoint may be merged
+    first): that path too must refuse a crafted file without running it."""
+    import open_clip
+    torch.manual_seed(0)
+    stand_in = tmp_path / 'open_clip_pytorch_model.bin'
+    torch.save(open_clip.create_model(tiny_clip_name, pretrained=None).state_dict(), stand_in)
+    recipe = VIT.override(arch=tiny_clip_name, size=32, bs=8, epochs=1, freeze_epochs=1, unfreeze_blocks=0,
+                          lora_rank=2, valid_pct=0.25, **PLAIN)
+    run = tmp_path / 'run'
+    train(recipe, colour_folder, run, pretrained=stand_in)
+    marker = tmp_path / 'marker'
+    last = run / 'models' / 'last.pth'
+    genuine = torch.load(last, map_location='cpu', weights_only=False)
+    genuine.update(phase=1, epoch=0, best=None)   # as if interrupted inside the last phase
+    crafted_torch_file(last, marker, genuine)
+    with pytest.raises(ValueError, match='refused'):
+        train(recipe, colour_folder, run, pretrained=stand_in, resume=True)
+    assert not marker.exists(), 'code in last.pth ran on --resume'
+
+
+def test_every_torch_load_in_training_resume_and_export_is_weights_only(colour_folder, tmp_path, monkeypatch):
+    """Also fastai's internals: SaveModelCallback reloads the best weights with weights_only=False after a fit."""
+    calls = torch_load_calls(monkeypatch)
+    run = tmp_path / 'run'
+    train(TINY_CNN, colour_folder, run, pretrained=False)
+    as_interrupted_after_epoch_0(run)
+    train(TINY_CNN.override(epochs=2), colour_folder, run, pretrained=False, resume=True)
+    export_run(run, tmp_path / 'cnn.pth', calibrated=False)
+    assert calls and all(w is True for w in calls), calls
+
+
+# ------------------------------------------------------------------------------------------ data that cannot train
+def test_a_class_emptied_by_the_audit_stops_before_training(tmp_path):
+    data = colour_data_folder(tmp_path / 'data')
+    for photo in (data / 'rose').glob('*.jpg'):       # every rose photo is also filed under tulip
+        shutil.copy(photo, data / 'tulip' / photo.name.replace('_x', '_copy'))
+    run = tmp_path / 'run'
+    with pytest.raises(ValueError) as err:
+        train(TINY_CNN, data, run, pretrained=False)
+    message = str(err.value)
+    assert "'rose'" in message and '0 usable photo' in message and 'left out 12' in message, message
+    assert 'audit' in message and '\n' not in message
+    _assert_nothing_trained(run)
+
+
+@pytest.mark.parametrize('case', ['one photo', 'two copies of one photo'])
+def test_a_class_that_cannot_be_on_both_sides_of_the_split_stops_before_training(case, tmp_path):
+    data = colour_data_folder(tmp_path / 'data', {'rose': 1 if case == 'one photo' else 0})
+    if case == 'two copies of one photo':   # one Flickr id: one group, which the grouped split keeps on one side
+        for i, suffix in enumerate(('_n', '_m')):
+            colour_photo(data / 'rose' / f'7166539842{suffix}.jpg', COLOURS['rose'], seed=900 + i)
+    run = tmp_path / 'run'
+    with pytest.raises(ValueError, match="'rose'") as err:
+        train(TINY_CNN, data, run, pretrained=False, split='stratified' if case == 'one photo' else 'grouped')
+    assert '\n' not in str(err.value)
+    _assert_nothing_trained(run)
+
+
+def test_fewer_training_photos_than_one_batch_stops_before_training(colour_folder, tmp_path):
+    run = tmp_path / 'run'
+    with pytest.raises(ValueError) as err:   # 45 training photos, batch 64: fastai would train 0 batches
+        train(TINY_CNN.override(bs=64), colour_folder, run, pretrained=False)
+    assert '45 training photos' in str(err.value) and '--bs' in str(err.value)
+    _assert_nothing_trained(run)
+
+
+def test_metrics_json_is_strict_json_even_for_a_class_without_validation_photos(tmp_path, monkeypatch):
+    from flowers_fastai import training
+
+    class Interpretation:   # a confusion matrix whose rose row is empty: 0/0 accuracy
+        @staticmethod
+        def confusion_matrix():
+            cm = np.diag([3, 3, 0, 3, 3])
+            return cm
+
+        def plot_confusion_matrix(self, **kwargs):
+            pass
+    monkeypatch.setattr(training.ClassificationInterpretation, 'from_learner', lambda learn: Interpretation())
+    training.report_run(None, tmp_path)
+    metrics = strict_json(tmp_path / 'metrics.json')
+    assert metrics['per_class_accuracy']['rose'] is None and metrics['valid_accuracy'] == 1.0
+
+    from flowers_fastai.run_folder import write_json
+    with pytest.raises(ValueError):   # the writer itself refuses NaN, and leaves nothing behind
+        write_json(tmp_path / 'bad.json', {'accuracy': float('nan')})
+    assert not (tmp_path / 'bad.json').exists() and not list(tmp_path.glob('.*.tmp'))
+
+
+# ------------------------------------------------------------------------------------------ half-written run folders
+RESUME_DAMAGE = {
+    'last.pth without a position': ('models/last.pth', lambda p: torch.save({'model': resume_point(p.parent.parent)
+                                                                             ['model']}, p)),
+    'last.pth whose EMA is not an average': ('models/last.pth', lambda p: torch.save(
+        {**resume_point(p.parent.parent), 'ema': {'steps': 3}}, p)),
+    'truncated last.pth': ('models/last.pth', truncate_file),
+    'missing last.pth': ('models/last.pth', Path.unlink),
+    'broken config.json': ('config.json', lambda p: p.write_text('')),
+}
+
+
+@pytest.mark.parametrize('damage', list(RESUME_DAMAGE))
+def test_resume_of_a_half_written_run_says_which_file_and_what_to_do(damage, cnn_run, colour_folder, tmp_path):
+    run = copy_run(cnn_run, tmp_path / 'run')
+    as_interrupted_after_epoch_0(run)
+    name, harm = RESUME_DAMAGE[damage]
+    harm(run / name)
+    with pytest.raises(ValueError) as err:
+        train(TINY_EMA.override(epochs=2), colour_folder, run, pretrained=False, resume=True)
+    message = str(err.value)
+    assert str(run / name) in message and '--name' in message and '\n' not in message, message
+
+
+def test_train_cli_resume_of_a_truncated_checkpoint_exits_with_one_sentence(cnn_run, tmp_path):
+    import train as train_cli
+    run = copy_run(cnn_run, tmp_path / 'runs' / 'r')
+    as_interrupted_after_epoch_0(run)
+    truncate_file(run / 'models' / 'last.pth')
+    with pytest.raises(SystemExit) as info:
+        train_cli.main(['cnn', '--name', 'r', '--runs', str(tmp_path / 'runs'), '--resume'])
+    code = info.value.code
+    assert isinstance(code, str) and code.startswith('error: ') and 'last.pth' in code and '\n' not in code
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_resume_point_whole(colour_folder, tmp_path,
+                                                                              monkeypatch):
+    """The root of half-written run folders: checkpoints are written to a temporary file and renamed, so a
+    crash mid-write (here: in epoch 1's last.pth) leaves epoch 0's resume point loadable."""
+    run, original, seen = tmp_path / 'run', torch.save, []
+
+    def dies_in_the_second_last_pth(obj, f, *args, **kwargs):
+        if 'last.pth' in str(f):
+            seen.append(f)
+            if len(seen) == 2:
+                Path(f).write_bytes(b'half a checkpoint')
+                raise KeyboardInterrupt('killed mid-write')
+        return original(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, 'save', dies_in_the_second_last_pth)
+    recipe = TINY_CNN.override(epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, colour_folder, run, pretrained=False, split='stratified')
+    monkeypatch.setattr(torch, 'save', original)
+    assert resume_point(run)['epoch'] == 0
+    assert not list((run / 'models').glob('.*.tmp'))
+    train(recipe, colour_folder, run, pretrained=False, resume=True)
+    assert list(pd.read_csv(run / 'history.csv').epoch) == [0, 1, 1, 2]   # epoch 1 was cut short, trained again
+    assert strict_json(run / 'metrics.json')['n_valid'] == 15
+
+
+RESUME_FIELDS = {'recipe not an object': lambda c: {**c, 'recipe': [1, 2]},
+                 'lr a string': lambda c: {**c, 'recipe': {**c['recipe'], 'lr': 'fast'}},
+                 'bs 0': lambda c: {**c, 'recipe': {**c['recipe'], 'bs': 0}},
+                 'accumulate -1': lambda c: {**c, 'recipe': {**c['recipe'], 'accumulate': -1}},
+                 'unknown arch': lambda c: {**c, 'recipe': {**c['recipe'], 'arch': 'resnet9000'}},
+                 'pretrained a list': lambda c: {**c, 'pretrained': [1]}}
+
+
+@pytest.mark.parametrize('damage', list(RESUME_FIELDS))
+def test_resume_checks_every_field_it_reads_back_from_the_run_folder(damage, cnn_run, tmp_path):
+    import train as train_cli
+    run = copy_run(cnn_run, tmp_path / 'runs' / 'r')
+    as_interrupted_after_epoch_0(run)
+    config = run / 'config.json'
+    config.write_text(json.dumps(RESUME_FIELDS[damage](json.loads(config.read_text()))))
+    with pytest.raises(SystemExit) as info:
+        train_cli.main(['cnn', '--name', 'r', '--runs', str(tmp_path / 'runs'), '--resume'])
+    code = info.value.code
+    assert isinstance(code, str) and code.startswith(f'error: {config} cannot be resumed') and '\n' not in code, code
+    assert not (run / 'metrics.json').exists()
+
+
+# -------------------------------------------------------------------------------- divergence, options that cannot train
+TINY_CLI = ['--arch', 'convnextv2_atto', '--size', '32', '--bs', '8', '--epochs', '1', '--valid-pct', '0.25',
+            '--no-pretrained', '--randaugment', '0', '--color-jitter', '0', '--random-erasing', '0', '--mixup', '0',
+            '--cutmix', '0', '--ema-decay', '0', '--patience', '0', '--lr-base-bs', '0']
+
+
+def test_a_run_that_diverges_stops_with_one_sentence_and_a_non_zero_status(colour_folder, tmp_path):
+    """--lr 1e4 turns the loss to NaN: the run used to go on and exit 0 with NaN weights."""
+    import train as train_cli
+    with pytest.raises(SystemExit) as info:
+        train_cli.main(['cnn', '--data', str(colour_folder), '--name', 'r', '--runs', str(tmp_path), '--lr', '1e4',
+                        *TINY_CLI])
+    code = info.value.code
+    assert isinstance(code, str) and code.startswith('error: training diverged') and '\n' not in code, code
+    assert not (tmp_path / 'r' / 'metrics.json').exists()
+
+
+@pytest.mark.parametrize('option', [['--arch', 'convnextv2_gigantic'], ['--bs', '0'], ['--accumulate', '0'],
+                                    ['--accumulate', '-1'], ['--lr', '0'], ['--lr=-1e-3'], ['--lr', 'nan'],
+                                    ['--epochs', '-2']])
+def test_an_option_that_cannot_train_is_refused_with_one_sentence(option, colour_folder, tmp_path):
+    import train as train_cli
+    with pytest.raises(SystemExit) as info:
+        train_cli.main(['cnn', '--data', str(colour_folder), '--name', 'r', '--runs', str(tmp_path), *TINY_CLI,
+                        *option])
+    code = info.value.code
+    assert isinstance(code, str) and code.startswith(f"error: {option[0].split('=')[0]}") and '\n' not in code, code
+    assert not (tmp_path / 'r').exists()   # refused before anything was made
