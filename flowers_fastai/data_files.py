@@ -97,6 +97,16 @@ def folder_files(folder: Path, unreadable: list[tuple[Path, str]] | None = None,
     return sorted(images), sorted(others)
 
 
+def folder_of(path: str | Path, folders: list[Path]) -> int:
+    """The index of the data folder `path` lies in (resolved, so links and relative paths compare); ValueError when
+    it lies in none."""
+    resolved = Path(path).resolve()
+    for k, folder in enumerate(folders):
+        if resolved.is_relative_to(Path(folder).resolve()):
+            return k
+    raise ValueError(f'{path} lies in none of the data folders {", ".join(map(str, folders))}')
+
+
 def folder_names(folders: list[Path]) -> list[str]:
     """A short, unique name per data folder (its own name, numbered when two share one): the per-folder columns of
     history.csv and metrics.json."""

@@ -1,5 +1,6 @@
 """Two exported CNN files, each loaded as a grader loads it (the `.pth` alone, no sidecar), on the same validation
-photos of a run: both accuracies, the photos only one of them gets right, and McNemar's exact test on those.
+photos of a run: both accuracies, the photos only one of them gets right, and McNemar's exact test on those; for
+a run on several data folders, also per folder (the first folder's photos are those of every earlier result).
 
     python scripts/paired_compare.py --run runs/kd-long-teacher --weights new/cnn_flowers.pth old/cnn_flowers.pth
 
@@ -17,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flowers_fastai.exporting import rebuild_split  # noqa: E402
+from flowers_fastai.data_files import folder_names, folder_of  # noqa: E402
+from flowers_fastai.exporting import validation_items  # noqa: E402
 from flowers_fastai.run_folder import read_run_config  # noqa: E402
 from flowers_fastai.inference import predict_files  # noqa: E402
 from flowers_fastai.submit import load_cnn_model  # noqa: E402
@@ -37,6 +39,14 @@ def discordant(a: list[bool], b: list[bool]) -> tuple[int, int]:
     return sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b))
 
 
+def comparison(name: str, a: list[bool], b: list[bool]) -> str:
+    """One line: the photos compared, each file's accuracy, the discordant counts and McNemar's p."""
+    only_a, only_b = discordant(a, b)
+    return (f'{name}: {len(a)} photos, accuracy A {sum(a) / len(a):.4f} ({sum(a)}), B {sum(b) / len(b):.4f} '
+            f'({sum(b)}); right only with A: {only_a}, only with B: {only_b}; McNemar exact p = '
+            f'{mcnemar_exact(only_a, only_b):.3g}')
+
+
 def correct_alone(weights: Path, valid: list[tuple[Path, str]]) -> list[bool]:
     with tempfile.TemporaryDirectory() as tmp:   # a copy without its sidecar: what a grader loads
         copy = Path(tmp) / 'cnn_flowers.pth'
@@ -50,14 +60,17 @@ def main(argv=None) -> int:
     parser.add_argument('--run', type=Path, required=True, help='run folder whose validation split is scored')
     parser.add_argument('--weights', type=Path, nargs=2, required=True, metavar=('A', 'B'), help='two CNN files')
     args = parser.parse_args(argv)
-    items, _, valid_idx, _ = rebuild_split(read_run_config(args.run))
-    valid = [items[i] for i in valid_idx]
+    config = read_run_config(args.run)
+    valid = validation_items(args.run)   # the run's valid_items.csv (older runs: the split rebuilt)
     a, b = (correct_alone(w, valid) for w in args.weights)
-    only_a, only_b = discordant(a, b)
-    print(f'{len(valid)} validation photos of {args.run}, each file alone (no sidecar)')
-    for name, hits in zip(args.weights, (a, b)):
-        print(f'  {str(name):50s} accuracy {sum(hits) / len(valid):.4f} ({sum(hits)})')
-    print(f'  right only with A: {only_a}, only with B: {only_b}; McNemar exact p = {mcnemar_exact(only_a, only_b):.3g}')
+    print(f'{len(valid)} validation photos of {args.run}, each file alone (no sidecar); A = {args.weights[0]}, '
+          f'B = {args.weights[1]}')
+    print(comparison('all', a, b))
+    if len(config.data) > 1:
+        source = [folder_of(path, list(config.data)) for path, _ in valid]
+        for k, name in enumerate(folder_names(list(config.data))):
+            keep = [i for i, s in enumerate(source) if s == k]
+            print(comparison(name, [a[i] for i in keep], [b[i] for i in keep]))
     return 0
 
 

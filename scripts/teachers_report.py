@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flowers_fastai.data import data_folders, folder_names  # noqa: E402
+from flowers_fastai.data import data_folders  # noqa: E402
+from flowers_fastai.data_files import folder_names, folder_of  # noqa: E402
 from flowers_fastai.exporting import validation_items  # noqa: E402
 from flowers_fastai.run_folder import read_run_config  # noqa: E402
 from flowers_fastai.labels import CLASSES  # noqa: E402
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
                      'one split (--split, --split-seed, --data) to compare or ensemble them')
     folders = data_folders(list(read_run_config(args.teachers[0]).data))
     names = folder_names(folders)
-    source = np.array([next(k for k, f in enumerate(folders) if Path(p).resolve().is_relative_to(f)) for p, _ in valid])
+    source = np.array([folder_of(p, folders) for p, _ in valid])
     targets = torch.tensor([CLASSES.index(label) for _, label in valid])
     paths = [Path(p) for p, _ in valid]
 

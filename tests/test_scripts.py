@@ -67,6 +67,20 @@ def test_paired_compare_counts_the_photos_only_one_file_gets_right():
     assert discordant([True, True, False, False, True], [True, False, True, False, False]) == (2, 1)
 
 
+def test_paired_compare_line_and_the_folder_of_each_photo(tmp_path):
+    line = load_script('paired_compare').comparison('flowers', [True, True, False, False], [True, False, True, True])
+    assert line == ('flowers: 4 photos, accuracy A 0.5000 (2), B 0.7500 (3); right only with A: 1, only with B: 2; '
+                    'McNemar exact p = 1')
+    from flowers_fastai.data_files import folder_of
+    first, second = tmp_path / 'flowers', tmp_path / 'flowers-flickr'   # a name that starts like the other
+    (second / 'rose').mkdir(parents=True)
+    (first / 'rose').mkdir(parents=True)
+    assert folder_of(second / 'rose' / 'a.jpg', [first, second]) == 1
+    assert folder_of(first / 'rose' / 'a.jpg', [first, second]) == 0
+    with pytest.raises(ValueError, match='lies in none'):
+        folder_of(tmp_path / 'elsewhere.jpg', [first, second])
+
+
 def test_kd_long_seeds_trains_each_pair_on_the_teachers_split_skips_finished_runs_and_resumes(tmp_path):
     """The script's orchestration, with a stand-in for Python that records each train.py call."""
     stand_in, calls = stand_in_python(tmp_path)
