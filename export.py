@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from flowers_fastai.delivery import DELIVERIES
-from flowers_fastai.exporting import export_run, finished_runs
+from flowers_fastai.exporting import delivered_family, export_run, finished_runs
 from flowers_fastai.run_folder import RunFolderError, read_run_config
 from flowers_fastai.sidecar import Sidecar
 
@@ -53,11 +53,8 @@ def main(argv=None) -> int:
     for candidates in jobs:
         for run in candidates:
             try:
-                family = read_run_config(run).family
-                if family not in DELIVERIES:
-                    raise RunFolderError(f'{run}: the {family} family is not delivered (only '
-                                         f'{", ".join(DELIVERIES)} are)')
-                out = args.out or ROOT / 'weights' / DELIVERIES[family].weights_file
+                family = delivered_family(read_run_config(run), run)
+                out = args.out or ROOT / 'weights' / family.delivery.weights_file
                 export_run(run, out, half=args.half, calibrated=not args.no_calibrate)
             except RunFolderError as err:
                 if args.run:             # the run asked for: one sentence, no fallback

@@ -15,7 +15,7 @@ import torch
 
 from .architectures import ArchitectureError
 from .delivery import DELIVERIES
-from .families import get_family
+from .families import Family, get_family
 from .labels import CLASSES
 from .run_config import RunConfig
 from .run_folder import (EXPORT_TODO, VALID_ITEMS, RunFolderError, load_weights, read_json, read_run_config,
@@ -104,6 +104,19 @@ def _as_submit_reads_it(staged: Path, run_dir: Path) -> None:
                              f'was written: {EXPORT_TODO}') from None
 
 
+def delivered_family(config: RunConfig, run_dir: Path) -> Family:
+    """The run's family, which must ship (`export.py` names the output after its `delivery`): `RunFolderError`
+    for a family that is unknown or not delivered (a teacher)."""
+    try:
+        family = get_family(config.family)
+    except ValueError as err:
+        raise RunFolderError(f'{Path(run_dir) / "config.json"}: {err}: {EXPORT_TODO}') from None
+    if family.delivery is None:
+        raise RunFolderError(f'{run_dir}: the {family.name} family is not delivered (only {", ".join(DELIVERIES)} '
+                             f'are): {EXPORT_TODO}')
+    return family
+
+
 def export_run(run_dir: str | Path, out: str | Path, half: bool = False, calibrated: bool = True) -> Path:
     """Write `run_dir`'s models/best.pth (a seeds experiment: its best seed's) as a raw state_dict at `out`
     (fp16 with `half`), plus `out`.json.
@@ -117,12 +130,10 @@ def export_run(run_dir: str | Path, out: str | Path, half: bool = False, calibra
     config = read_run_config(run_dir)
     best = run_dir / 'models' / 'best.pth'
     state = load_weights(best, EXPORT_TODO)   # weights_only: a crafted pickle is refused, nothing runs
+    family = delivered_family(config, run_dir)
 
-    try:   # a config.json that parses but lacks a field: one sentence, not a KeyError
+    try:   # a config that does not fit the weights or the network: one sentence, not a traceback
         pp = config.preprocessing
-        family = get_family(config.family)
-        if family.delivery is None:
-            raise ValueError(f'the {family.name} family is not delivered (only {", ".join(DELIVERIES)} are)')
         model = family.trained_network(config, state, str(best))
         settings = {'family': family.name, **family.delivery.sidecar_fields(config, model), 'image_size': pp.size,
                     'crop_pct': pp.crop_pct, 'mean': list(pp.mean), 'std': list(pp.std),

@@ -50,14 +50,13 @@ class RunConfig:
                 raise ValueError('field "preprocessing" must be an object (size, crop_pct, mean, std)')
             values['preprocessing'] = Preprocessing(int(pp['size']), float(pp['crop_pct']),
                                                     tuple(map(float, pp['mean'])), tuple(map(float, pp['std'])))
-        except (KeyError, TypeError, ValueError) as err:
+            data = obj.get('data', ())
+            values['data'] = (data,) if isinstance(data, str) else tuple(map(str, data))
+            # the other fields as recorded; `classes` as a tuple, like the dataclass's default
+            values.update({f.name: tuple(obj[f.name]) if f.name == 'classes' else obj[f.name]
+                           for f in fields(cls) if f.name not in values and f.name in obj})
+        except (KeyError, TypeError, ValueError) as err:   # a missing key, a number where a list was written
             raise ValueError(f'{where}: {err}') from None
-        data = obj.get('data', ())
-        values['data'] = (data,) if isinstance(data, str) else tuple(map(str, data))
-        for name in ('split', 'classes', 'clip_spec', 'pretrained', 'n_train', 'n_valid',
-                     'left_out_filed_under_two_classes', 'torch'):
-            if name in obj:
-                values[name] = tuple(obj[name]) if name == 'classes' else obj[name]
         config = cls(**values)
         config.check(where)
         return config

@@ -114,9 +114,10 @@ class Sidecar:
 
     def write(self, weights_path: str | os.PathLike) -> Path:
         """`<name>.json` beside `weights_path`, checked as `read` will check it (strict JSON: no NaN)."""
-        Sidecar.from_dict(json.loads(json.dumps(self.to_dict())), 'the sidecar to write')
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + '\n'
+        Sidecar.from_dict(json.loads(text), 'the sidecar to write')
         path = self.path_for(weights_path)
-        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + '\n')
+        path.write_text(text)
         return path
 
     def updated(self, **changes) -> Sidecar:

@@ -265,14 +265,19 @@ def _deeper_than_path_max(top: Path) -> Path:
     return first_too_long
 
 
+def noisy_class_folders(root: Path, per_class: int) -> Path:
+    """`per_class` decodable noisy JPEGs in a folder per class, each with its own seed."""
+    for k, c in enumerate(CLASSES):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            noisy_jpeg(root / c / f'{c}{i}.jpg', seed=10 * k + i)
+    return root
+
+
 def test_the_training_scan_lists_each_undecodable_file_and_keeps_the_others(tmp_path, hostile_format):
     pytest.importorskip('fastai')
     from flowers_fastai.data import scan_image_folder
-    root = tmp_path / 'data'
-    for k, c in enumerate(CLASSES):
-        (root / c).mkdir(parents=True)
-        for i in range(2):
-            noisy_jpeg(root / c / f'{c}{i}.jpg', seed=10 * k + i)
+    root = noisy_class_folders(tmp_path / 'data', per_class=2)
     dds = dds_unknown_fourcc(root / 'rose' / 'texture.jpg')
     crafted = hostile_format(root / 'tulip' / 'crafted.png', RuntimeError('decoder crashed'))
     memory = hostile_format(root / 'daisy' / 'memory.png', MemoryError())
@@ -290,11 +295,7 @@ def test_the_training_scan_loses_no_other_threads_truncation_warning(tmp_path, t
     scanned, other threads' TruncatedImageWarnings would vanish (and the filters could be left changed)."""
     pytest.importorskip('fastai')
     from flowers_fastai.data import scan_image_folder
-    root = tmp_path / 'data'
-    for k, c in enumerate(CLASSES):
-        (root / c).mkdir(parents=True)
-        for i in range(3):
-            noisy_jpeg(root / c / f'{c}{i}.jpg', seed=10 * k + i)
+    root = noisy_class_folders(tmp_path / 'data', per_class=3)
     truncated_copy(noisy_jpeg(tmp_path / 'src.jpg', seed=99), root / 'rose' / 'truncated.jpg')
     truncated = [truncated_copy(noisy_jpeg(tmp_path / f'src{i}.jpg', seed=i), tmp_path / f'truncated{i}.jpg')
                  for i in range(3)]

@@ -233,3 +233,19 @@ def test_export_without_run_skips_broken_latest_runs_and_exports_the_next(cnn_ru
     with pytest.raises(SystemExit) as info:
         export.main(['--runs', str(runs), '--family', 'cnn', '--out', str(out), '--no-calibrate'])
     assert isinstance(info.value.code, str) and info.value.code.startswith('error: ')
+
+
+def test_a_config_field_of_the_wrong_kind_is_one_sentence_and_only_delivered_families_export(tmp_path):
+    from flowers_fastai.exporting import delivered_family
+    from flowers_fastai.preprocess import cnn_preprocessing
+    from flowers_fastai.recipes import TEACHER
+    from flowers_fastai.run_config import RunConfig
+    from flowers_fastai.run_folder import RunFolderError, read_run_config
+    config = RunConfig(recipe=TINY_CNN, preprocessing=cnn_preprocessing(32), data=('photos',))
+    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    (tmp_path / 'config.json').write_text(json.dumps({**config.to_dict(), 'classes': 5}))
+    with pytest.raises(RunFolderError, match='config.json: .*not iterable'):   # not a TypeError traceback
+        read_run_config(tmp_path)
+    assert delivered_family(config, tmp_path).delivery.weights_file == 'cnn_flowers.pth'
+    with pytest.raises(RunFolderError, match='the teacher family is not delivered'):
+        delivered_family(RunConfig(recipe=TEACHER, preprocessing=cnn_preprocessing(32)), tmp_path)

@@ -38,6 +38,23 @@ from .helpers import (LOADERS, PHOTOS, REPO, RunsCode, crafted_torch_file, photo
                       rgb_jpeg, torch_load_calls)
 
 
+def refusals_that_fail(case: str, path: Path, loaders, named: Path, expected: str) -> list[str]:
+    """What goes wrong when each loader is given `path`: it loads, or refuses with something other than a
+    ValueError naming `named` and saying `expected`. Any other exception (RecursionError, AttributeError ...) is
+    such a failure, recorded rather than raised so that one run lists every case."""
+    failures = []
+    for load in loaders:
+        try:
+            load(path)
+            failures.append(f'{case} ({load.__name__}): loaded')
+        except ValueError as err:
+            if str(named) not in str(err) or expected not in str(err):
+                failures.append(f'{case} ({load.__name__}): {str(err)[:300]}')
+        except BaseException as err:   # noqa: BLE001 - any other exception is the failure being tested
+            failures.append(f'{case} ({load.__name__}): {type(err).__name__}: {str(err)[:300]}')
+    return failures
+
+
 def _save_like(tmp_path: Path, source: Path, state_dict, name: str) -> Path:
     """Save `state_dict` as tmp_path/name, with a copy of `source`'s sidecar beside it."""
     path = tmp_path / name
@@ -212,15 +229,7 @@ def test_bad_weight_files_are_refused_at_load_naming_the_file_and_key(family, we
         path = tmp_path / f'{case}.pth'
         torch.save(obj, path)
         shutil.copy(weights_files[family].with_suffix('.json'), path.with_suffix('.json'))
-        for load in (loader, load_any_model):
-            try:
-                load(path)
-                failures.append(f'{case} ({load.__name__}): loaded')
-            except ValueError as err:
-                if str(path) not in str(err) or expected not in str(err):
-                    failures.append(f'{case} ({load.__name__}): {err}')
-            except Exception as err:   # noqa: BLE001 - any other exception is the failure being tested
-                failures.append(f'{case} ({load.__name__}): {type(err).__name__}: {err}')
+        failures += refusals_that_fail(case, path, (loader, load_any_model), named=path, expected=expected)
     assert not failures, '\n'.join(failures)
 
 
@@ -333,15 +342,8 @@ def test_bad_sidecars_are_refused_at_load_naming_the_sidecar_and_field(family, w
             sidecar.mkdir()
         else:
             (sidecar.write_bytes if isinstance(text, bytes) else sidecar.write_text)(text)
-        for load in ((load_cnn_model if family == 'cnn' else load_vit_model), load_any_model):
-            try:
-                load(path)
-                failures.append(f'{case} ({load.__name__}): loaded')
-            except ValueError as err:
-                if str(sidecar) not in str(err) or expected not in str(err):
-                    failures.append(f'{case} ({load.__name__}): {str(err)[:300]}')
-            except BaseException as err:   # noqa: BLE001 - RecursionError, AttributeError ... are the failure
-                failures.append(f'{case} ({load.__name__}): {type(err).__name__}: {str(err)[:300]}')
+        failures += refusals_that_fail(case, path, ((load_cnn_model if family == 'cnn' else load_vit_model),
+                                                    load_any_model), named=sidecar, expected=expected)
     assert not failures, '\n'.join(failures)
 
 
