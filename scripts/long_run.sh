@@ -10,7 +10,9 @@
 #    (stratified split, split seed 0: the first folder's validation photos are the shipped file's 778);
 # 2. the student: ConvNeXt V2 atto from random weights, most epochs at SIZE px with photos in memory, then
 #    RESIZE_EPOCHS at 224 px (the loader's size: the .pth works alone), the teachers' averaged probabilities at
-#    TEACHER_SIZE px as the distillation target.
+#    TEACHER_SIZE px as the distillation target. RESIZE_EPOCHS is 10, not 4: the 4 at the end of long-lite0-seed0
+#    were still climbing, and 10 more at 224 px from it gave +1.3 points on the first folder and +2.0 on flickr
+#    (docs/results.md, "A stretch at 224 px from the long-run student"); they come after the EPOCHS.
 set -euo pipefail
 DATA=${DATA:-"../shared/data/flowers ../shared/data/flowers-flickr"}
 RUNS=${RUNS:-/work/runs}
@@ -19,7 +21,7 @@ SEED=${SEED:-0}
 EPOCHS=${EPOCHS:-60}
 SIZE=${SIZE:-112}
 TEACHER_SIZE=${TEACHER_SIZE:-128}
-RESIZE_EPOCHS=${RESIZE_EPOCHS:-4}
+RESIZE_EPOCHS=${RESIZE_EPOCHS:-10}
 TEACHERS=${TEACHERS:-0 1 2}
 # The student's run is named after its teachers: TEACHERS=0 gives long-lite0-seed0, the default long-lite012-seed0.
 STUDENT=${STUDENT:-long-lite${TEACHERS// /}-seed$SEED}

@@ -200,6 +200,7 @@ def test_long_run_trains_the_teachers_then_the_student_they_teach_skipping_and_r
         [str(runs / f'teacher-lite{n}-160') for n in range(3)]
     assert student[student.index('--epochs') + 1] == '7' and student[student.index('--seed') + 1] == '2'
     assert student[student.index('--resize-to') + 1] == '224' and '--no-pretrained' in student
+    assert student[student.index('--resize-epochs') + 1] == '10'   # 4 left the 224 px ending still climbing
 
 
 def test_long_run_with_one_teacher_names_the_student_after_it(tmp_path):
