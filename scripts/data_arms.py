@@ -10,11 +10,13 @@ both see as many batches; then, on both folders, `lite0` (the first teacher) and
 their averaged probabilities). Every run is `train.py cnn` from scratch with `SCHEDULE` on the teachers' split
 (`--split-seed`), photos in memory (`--cache-size`). Seed by seed, every arm of a seed first; a rerun skips
 finished runs and resumes an interrupted one. Writes `<runs>/arms.md`: validation accuracy on the first folder's
-photos (comparable with every earlier result), on the second's, and overall, per seed, mean and std.
+photos (comparable with every earlier result), on the second's, and overall, per seed, mean and std; then the
+first folder's accuracy at equal steps, read from each run's history.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import subprocess
@@ -87,6 +89,33 @@ def summary(args) -> str:
     return '\n'.join(lines)
 
 
+def equal_steps(args, photos: dict[int, int], checkpoints: int = 4) -> str:
+    """The first folder's validation accuracy, per seed, at `checkpoints` evenly spaced epochs of the two-folder
+    schedule, each arm read from its history.csv at as many optimizer steps: for `one-folder`, its last epoch at
+    or below them (steps per epoch = training photos // the run's batch size, as the loader drops the last
+    partial batch)."""
+    first = f'accuracy_{Path(args.data[0]).name}'
+    header = ['| steps | seed | ' + ' | '.join(args.arms) + ' |', '|---|---|' + '---|' * len(args.arms)]
+    rows = []
+    for k in range(1, checkpoints + 1):
+        for seed in args.seeds:
+            cells, steps = [], None
+            for arm in args.arms:
+                folder = run_dir(args.runs, arm, seed)
+                if not (folder / 'metrics.json').exists():
+                    cells.append('-')
+                    continue
+                bs = json.loads((folder / 'config.json').read_text())['recipe']['bs']
+                steps = args.epochs * k // checkpoints * (photos[2] // bs)
+                with open(folder / 'history.csv', newline='') as f:
+                    history = list(csv.DictReader(f))
+                row = history[steps // (photos[ARMS[arm]['folders']] // bs) - 1]
+                cells.append(f"{float(row.get(first, row['accuracy'])):.4f}")
+            if steps is not None:
+                rows.append(f'| {steps:,} | {seed} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(header + rows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--teachers', type=Path, nargs='+', default=[], help='teacher run folders, Lite0 first')
@@ -103,15 +132,16 @@ def main(argv=None) -> int:
     args.teachers = [t.resolve() for t in args.teachers]
     if any(ARMS[arm]['teachers'] != 0 for arm in args.arms) and not args.teachers and not args.summary_only:
         parser.error('the lite0 and ensemble arms need --teachers (or leave them out with --arms)')
+    photos = training_photos(args.data, args.split_seed)
     if not args.summary_only:
-        photos = training_photos(args.data, args.split_seed)
         for seed in args.seeds:
             for arm in args.arms:
                 if not (run_dir(args.runs, arm, seed) / 'metrics.json').exists():
                     cmd = command(args, arm, seed, photos)
                     print('$', ' '.join(cmd), flush=True)
                     subprocess.run(cmd, check=True, cwd=ROOT)
-    return write_table(args.runs, summary(args))
+    return write_table(args.runs, summary(args) + "\n\nThe first folder's accuracy at equal steps:\n\n"
+                       + equal_steps(args, photos))
 
 
 if __name__ == '__main__':

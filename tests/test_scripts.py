@@ -178,6 +178,26 @@ def test_data_arms_compare_at_equal_steps_on_the_teachers_split_and_report_each_
     assert table[4].startswith('| lite0 | - | - | - |')
 
 
+def test_data_arms_read_each_history_at_equal_steps(tmp_path):
+    """4 epochs of 10 steps on both folders against 7 of 6 on the first: at 20 and 40 steps, the one-folder arm is
+    read at its 3rd and 6th epoch (18 and 36 steps), the two-folder arms at their 2nd and 4th."""
+    arms = load_script('data_arms')
+    args = argparse.Namespace(runs=tmp_path, data=[Path('/d/flowers'), Path('/d/flickr')], epochs=4, seeds=[0, 1],
+                              arms=['one-folder', 'two-folders', 'lite0'])
+    for arm, n_epochs in [('one-folder', 7), ('two-folders', 4)]:
+        folder = tmp_path / f'{arm}-seed0'
+        folder.mkdir()
+        (folder / 'metrics.json').write_text('{}')
+        (folder / 'config.json').write_text(json.dumps({'recipe': {'bs': 32}}))
+        column = 'accuracy' if arm == 'one-folder' else 'accuracy,accuracy_flowers'
+        lines = [f'epoch,{column}'] + [f'{e},' + ('' if arm == 'one-folder' else '0.9,') + f'0.{e + 1}'
+                                       for e in range(n_epochs)]
+        (folder / 'history.csv').write_text('\n'.join(lines) + '\n')
+    table = arms.equal_steps(args, {1: 6 * 32 + 5, 2: 10 * 32 + 31}, checkpoints=2).splitlines()
+    assert table[0] == '| steps | seed | one-folder | two-folders | lite0 |'
+    assert table[2:] == ['| 20 | 0 | 0.3000 | 0.2000 | - |', '| 40 | 0 | 0.6000 | 0.4000 | - |']   # seed 1 has no finished run: no row
+
+
 def test_long_run_trains_the_teachers_then_the_student_they_teach_skipping_and_resuming(tmp_path):
     """scripts/long_run.sh's orchestration, with a stand-in for Python that records each train.py call."""
     stand_in, calls = stand_in_python(tmp_path)
