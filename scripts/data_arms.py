@@ -28,6 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / 'scripts')]
 DATA = ROOT.parent / 'shared' / 'data'
 
 from distill_arms import run_dir, write_table  # noqa: E402
+from flowers_fastai.run_folder import read_run_config  # noqa: E402
 
 SCHEDULE = ['--arch', 'convnextv2_atto', '--no-pretrained', '--size', '112', '--ema-decay', '0.99',
             '--split', 'stratified', '--cache-size', '160']
@@ -95,17 +96,23 @@ def equal_steps(args, photos: dict[int, int], checkpoints: int = 4) -> str:
     or below them (steps per epoch = training photos // the run's batch size, as the loader drops the last
     partial batch)."""
     first = f'accuracy_{Path(args.data[0]).name}'
+    finished = {(arm, seed): run_dir(args.runs, arm, seed) for arm in args.arms for seed in args.seeds
+                if (run_dir(args.runs, arm, seed) / 'metrics.json').exists()}
+    # one batch size for every run, or a row's step count would fit some of its cells and not others
+    batch_sizes = {folder: read_run_config(folder, 'rerun the arm').recipe.bs for folder in finished.values()}
+    if len(set(batch_sizes.values())) > 1:
+        raise SystemExit(f'the arms trained with different batch sizes, no common step count: {batch_sizes}')
     header = ['| steps | seed | ' + ' | '.join(args.arms) + ' |', '|---|---|' + '---|' * len(args.arms)]
     rows = []
     for k in range(1, checkpoints + 1):
         for seed in args.seeds:
             cells, steps = [], None
             for arm in args.arms:
-                folder = run_dir(args.runs, arm, seed)
-                if not (folder / 'metrics.json').exists():
+                folder = finished.get((arm, seed))
+                if folder is None:
                     cells.append('-')
                     continue
-                bs = json.loads((folder / 'config.json').read_text())['recipe']['bs']
+                bs = batch_sizes[folder]
                 steps = args.epochs * k // checkpoints * (photos[2] // bs)
                 with open(folder / 'history.csv', newline='') as f:
                     history = list(csv.DictReader(f))

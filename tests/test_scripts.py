@@ -178,6 +178,14 @@ def test_data_arms_compare_at_equal_steps_on_the_teachers_split_and_report_each_
     assert table[4].startswith('| lite0 | - | - | - |')
 
 
+def write_config(folder: Path, bs: int) -> None:
+    """A run's whole config.json, as training writes it, with batch size `bs`."""
+    from flowers_fastai.preprocess import cnn_preprocessing
+    from flowers_fastai.run_config import RunConfig
+    config = RunConfig(recipe=TINY_TEACHER.override(bs=bs), preprocessing=cnn_preprocessing(32), data=('photos',))
+    (folder / 'config.json').write_text(json.dumps(config.to_dict()))
+
+
 def test_data_arms_read_each_history_at_equal_steps(tmp_path):
     """4 epochs of 10 steps on both folders against 7 of 6 on the first: at 20 and 40 steps, the one-folder arm is
     read at its 3rd and 6th epoch (18 and 36 steps), the two-folder arms at their 2nd and 4th."""
@@ -188,7 +196,7 @@ def test_data_arms_read_each_history_at_equal_steps(tmp_path):
         folder = tmp_path / f'{arm}-seed0'
         folder.mkdir()
         (folder / 'metrics.json').write_text('{}')
-        (folder / 'config.json').write_text(json.dumps({'recipe': {'bs': 32}}))
+        write_config(folder, bs=32)
         column = 'accuracy' if arm == 'one-folder' else 'accuracy,accuracy_flowers'
         lines = [f'epoch,{column}'] + [f'{e},' + ('' if arm == 'one-folder' else '0.9,') + f'0.{e + 1}'
                                        for e in range(n_epochs)]
@@ -196,6 +204,9 @@ def test_data_arms_read_each_history_at_equal_steps(tmp_path):
     table = arms.equal_steps(args, {1: 6 * 32 + 5, 2: 10 * 32 + 31}, checkpoints=2).splitlines()
     assert table[0] == '| steps | seed | one-folder | two-folders | lite0 |'
     assert table[2:] == ['| 20 | 0 | 0.3000 | 0.2000 | - |', '| 40 | 0 | 0.6000 | 0.4000 | - |']   # seed 1 has no finished run: no row
+    write_config(tmp_path / 'two-folders-seed0', bs=64)     # no step count fits both arms' cells: refused
+    with pytest.raises(SystemExit, match='different batch sizes'):
+        arms.equal_steps(args, {1: 6 * 32 + 5, 2: 10 * 32 + 31}, checkpoints=2)
 
 
 def test_long_run_trains_the_teachers_then_the_student_they_teach_skipping_and_resuming(tmp_path):
