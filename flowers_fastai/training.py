@@ -168,14 +168,27 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
             raise FileNotFoundError(f'nothing to resume in {run_dir} (no config.json, no models/last.pth): '
                                     f'{RESUME_TODO}')
         split = read_run_config(run_dir, RESUME_TODO).split
-        # before any work: a broken resume point is said at once (read onto the device the run trains on)
-        state = read_resume_point(last, map_location=default_device())
+        if not last.exists() and _no_epoch_finished(run_dir):
+            # killed before its first epoch ended (config.json is written first): nothing to lose, so the run
+            # starts over from its recorded settings instead of refusing to resume
+            print(f'{run_dir}: interrupted before its first epoch ended; starting it over')
+            resume = False
+        else:
+            # before any work: a broken resume point is said at once (read onto the device the run trains on)
+            state = read_resume_point(last, map_location=default_device())
     elif (run_dir / 'models').exists():
         raise FileExistsError(f'{run_dir} already holds a run: pass --resume to continue it, or another --name')
     run_dir.mkdir(parents=True, exist_ok=True)
     learn, config = prepare_learner(recipe, data_dir, run_dir, pretrained=False if resume else pretrained,
                                     split=split, num_workers=num_workers, limit_items=limit_items)
     return run_phases(learn, recipe, pretrained, config=None if resume else config, state=state)
+
+
+def _no_epoch_finished(run_dir: Path) -> bool:
+    """No checkpoint written and no epoch logged: what a run killed during its first epoch leaves."""
+    history = run_dir / 'history.csv'
+    logged = history.exists() and len(history.read_text().splitlines()) > 1   # more than the header
+    return not (run_dir / 'models').exists() and not logged
 
 
 def freeze_for_phase(learn: Learner, recipe: Recipe, pretrained: bool | str | Path, index: int = 0) -> None:

@@ -450,6 +450,41 @@ def test_resume_of_a_half_written_run_says_which_file_and_what_to_do(damage, cnn
     assert str(run / name) in message and '--name' in message and '\n' not in message, message
 
 
+def as_killed_during_epoch_0(run: Path) -> None:
+    """The run folder as a kill during the first epoch leaves it: config.json, the validation photos and
+    history.csv's header; no checkpoint, no epoch logged."""
+    shutil.rmtree(run / 'models')
+    (run / 'metrics.json').unlink()
+    history = run / 'history.csv'
+    history.write_text(history.read_text().splitlines()[0] + '\n')
+
+
+def test_train_cli_resume_of_a_run_killed_during_its_first_epoch_starts_it_over(cnn_run, tmp_path, capsys):
+    """scripts/train_or_resume.sh passes --resume to any run folder with a config.json: one killed before its
+    first epoch ended has nothing to continue from, and starts over from the settings it recorded."""
+    import train as train_cli
+    run = copy_run(cnn_run, tmp_path / 'runs' / 'r')
+    as_killed_during_epoch_0(run)
+    recorded = json.loads((run / 'config.json').read_text())
+    assert train_cli.main(['cnn', '--name', 'r', '--runs', str(tmp_path / 'runs'), '--resume']) == 0
+    assert 'starting it over' in capsys.readouterr().out
+    history = pd.read_csv(run / 'history.csv')
+    assert list(history.epoch) == list(range(TINY_EMA.epochs))          # one header, each epoch once
+    assert (run / 'metrics.json').exists() and resume_point(run)['epoch'] == -1
+    again = json.loads((run / 'config.json').read_text())
+    assert again['recipe'] == recorded['recipe'] and again['data'] == recorded['data']
+
+
+def test_resume_of_a_run_with_an_epoch_logged_but_no_checkpoint_is_refused(cnn_run, colour_folder, tmp_path):
+    """Not a run killed early: its work is lost, and starting over would hide that."""
+    run = copy_run(cnn_run, tmp_path / 'run')
+    as_killed_during_epoch_0(run)
+    (run / 'history.csv').write_text((cnn_run / 'history.csv').read_text())
+    with pytest.raises(ValueError, match='last.pth'):
+        train(TINY_EMA, colour_folder, run, pretrained=False, resume=True)
+    assert not (run / 'metrics.json').exists()
+
+
 def test_train_cli_resume_of_a_truncated_checkpoint_exits_with_one_sentence(cnn_run, tmp_path):
     import train as train_cli
     run = copy_run(cnn_run, tmp_path / 'runs' / 'r')
