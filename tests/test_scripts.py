@@ -205,7 +205,7 @@ def test_data_arms_read_each_history_at_equal_steps(tmp_path):
     assert table[0] == '| steps | seed | one-folder | two-folders | lite0 |'
     assert table[2:] == ['| 20 | 0 | 0.3000 | 0.2000 | - |', '| 40 | 0 | 0.6000 | 0.4000 | - |']   # seed 1 has no finished run: no row
     write_config(tmp_path / 'two-folders-seed0', bs=64)     # no step count fits both arms' cells: refused
-    with pytest.raises(SystemExit, match='different batch sizes'):
+    with pytest.raises(SystemExit, match='different batch sizes.*one-folder-seed0: 32, two-folders-seed0: 64'):
         arms.equal_steps(args, {1: 6 * 32 + 5, 2: 10 * 32 + 31}, checkpoints=2)
 
 
