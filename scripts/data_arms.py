@@ -96,10 +96,14 @@ def equal_steps(args, photos: dict[int, int], checkpoints: int = 4) -> str:
     or below them (steps per epoch = training photos // the run's batch size, as the loader drops the last
     partial batch)."""
     first = f'accuracy_{Path(args.data[0]).name}'
-    finished = {(arm, seed): run_dir(args.runs, arm, seed) for arm in args.arms for seed in args.seeds
-                if (run_dir(args.runs, arm, seed) / 'metrics.json').exists()}
+    folders = {(arm, seed): run_dir(args.runs, arm, seed) for arm in args.arms for seed in args.seeds}
+    finished = {key: folder for key, folder in folders.items() if (folder / 'metrics.json').exists()}
     # one batch size for every run, or a row's step count would fit some of its cells and not others
     batch_sizes = {folder: read_run_config(folder, 'rerun the arm').recipe.bs for folder in finished.values()}
+    histories = {}   # each run's history.csv, read once for all the rows
+    for folder in finished.values():
+        with open(folder / 'history.csv', newline='') as f:
+            histories[folder] = list(csv.DictReader(f))
     if len(set(batch_sizes.values())) > 1:
         sizes = ', '.join(f'{folder.name}: {bs}' for folder, bs in batch_sizes.items())
         raise SystemExit(f'the arms trained with different batch sizes, so no step count fits a row: {sizes}')
@@ -115,9 +119,7 @@ def equal_steps(args, photos: dict[int, int], checkpoints: int = 4) -> str:
                     continue
                 bs = batch_sizes[folder]
                 steps = args.epochs * k // checkpoints * (photos[2] // bs)
-                with open(folder / 'history.csv', newline='') as f:
-                    history = list(csv.DictReader(f))
-                row = history[steps // (photos[ARMS[arm]['folders']] // bs) - 1]
+                row = histories[folder][steps // (photos[ARMS[arm]['folders']] // bs) - 1]
                 cells.append(f"{float(row.get(first, row['accuracy'])):.4f}")
             if steps is not None:
                 rows.append(f'| {steps:,} | {seed} | ' + ' | '.join(cells) + ' |')
