@@ -168,7 +168,7 @@ def train(recipe: Recipe, data_dir: str | Path, run_dir: str | Path, pretrained:
             raise FileNotFoundError(f'nothing to resume in {run_dir} (no config.json, no models/last.pth): '
                                     f'{RESUME_TODO}')
         split = read_run_config(run_dir, RESUME_TODO).split
-        if not last.exists() and _no_epoch_finished(run_dir):
+        if _no_epoch_finished(run_dir):
             # killed before its first epoch ended (config.json is written first): nothing to lose, so the run
             # starts over from its recorded settings instead of refusing to resume
             print(f'{run_dir}: interrupted before its first epoch ended; starting it over')
