@@ -100,13 +100,13 @@ def equal_steps(args, photos: dict[int, int], checkpoints: int = 4) -> str:
     finished = {key: folder for key, folder in folders.items() if (folder / 'metrics.json').exists()}
     # one batch size for every run, or a row's step count would fit some of its cells and not others
     batch_sizes = {folder: read_run_config(folder, 'rerun the arm').recipe.bs for folder in finished.values()}
+    if len(set(batch_sizes.values())) > 1:
+        sizes = ', '.join(f'{folder.name}: {bs}' for folder, bs in batch_sizes.items())
+        raise SystemExit(f'the arms trained with different batch sizes, so no step count fits a row: {sizes}')
     histories = {}   # each run's history.csv, read once for all the rows
     for folder in finished.values():
         with open(folder / 'history.csv', newline='') as f:
             histories[folder] = list(csv.DictReader(f))
-    if len(set(batch_sizes.values())) > 1:
-        sizes = ', '.join(f'{folder.name}: {bs}' for folder, bs in batch_sizes.items())
-        raise SystemExit(f'the arms trained with different batch sizes, so no step count fits a row: {sizes}')
     header = ['| steps | seed | ' + ' | '.join(args.arms) + ' |', '|---|---|' + '---|' * len(args.arms)]
     rows = []
     for k in range(1, checkpoints + 1):
