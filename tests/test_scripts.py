@@ -221,8 +221,8 @@ def test_long_run_trains_the_teachers_then_the_student_they_teach_skipping_and_r
     assert out.returncode == 0, out.stderr
     made = [line.split() for line in calls.read_text().splitlines()]
     assert [call[call.index('--name') + 1] for call in made] == ['teacher-lite1-160', 'teacher-lite2-160',
-                                                                 'long-lite012-seed2']
-    resumed, lite2, student = made
+                                                                 'long-lite012-seed2', 'stretch224-lite012-seed2']
+    resumed, lite2, student, stretch = made
     assert resumed[-1] == '--resume' and '--arch' not in resumed
     assert lite2[lite2.index('--arch') + 1] == 'tf_efficientnet_lite2'
     for call in (lite2, student):
@@ -232,13 +232,21 @@ def test_long_run_trains_the_teachers_then_the_student_they_teach_skipping_and_r
     assert student[student.index('--epochs') + 1] == '7' and student[student.index('--seed') + 1] == '2'
     assert student[student.index('--resize-to') + 1] == '224' and '--no-pretrained' in student
     assert student[student.index('--resize-epochs') + 1] == '10'   # 4 left the 224 px ending still climbing
+    # the stretch that made the shipped file: from the student, at 224 px, the same teachers at their own 160 px
+    assert stretch[stretch.index('--init-from') + 1] == str(runs / 'long-lite012-seed2')
+    assert stretch[stretch.index('--size') + 1] == '224' and stretch[stretch.index('--epochs') + 1] == '10'
+    assert stretch[stretch.index('--teacher') + 1:stretch.index('--teacher-size')] == \
+        [str(runs / f'teacher-lite{n}-160') for n in range(3)]
+    assert stretch[stretch.index('--teacher-size') + 1] == '160' and stretch[stretch.index('--seed') + 1] == '2'
+    assert stretch[stretch.index('--data') + 1:stretch.index('--data') + 3] == ['a', 'b']
 
 
 def test_long_run_with_one_teacher_names_the_student_after_it(tmp_path):
     stand_in, calls = stand_in_python(tmp_path)
     runs = tmp_path / 'runs'
     fake_run(runs / 'teacher-lite0-160', [0.93])
-    env = {**os.environ, 'RUNS': str(runs), 'DATA': 'a b', 'PYTHON': str(stand_in), 'TEACHERS': '0'}
+    env = {**os.environ, 'RUNS': str(runs), 'DATA': 'a b', 'PYTHON': str(stand_in), 'TEACHERS': '0',
+           'STRETCH_EPOCHS': '0'}   # 0: no stretch after the student
     out = subprocess.run(['bash', 'scripts/long_run.sh'], cwd=REPO, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     (student,) = [line.split() for line in calls.read_text().splitlines()]
